@@ -6,16 +6,35 @@ The model registry asks this module for the hub location of each tag, so a tag o
 import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 RELEASES_FILE = Path(__file__).with_name('releases.json')
+STATUSES = ('published', 'planned')
+
+
+def _check_entry(name: str, entry: Any) -> None:
+    """Reject entries that would advertise weights without saying where they are."""
+    if not isinstance(entry, dict) or entry.get('status') not in STATUSES:
+        raise ValueError(f'{RELEASES_FILE}: entry {name!r} needs a status in {STATUSES}, got {entry!r}.')
+    if '.' not in name:
+        raise ValueError(f"{RELEASES_FILE}: entry {name!r} must be a pretrained tag 'architecture.tag'.")
+    if entry['status'] == 'published' and '/' not in (entry.get('hf_hub_id') or ''):
+        raise ValueError(f"{RELEASES_FILE}: published entry {name!r} needs an hf_hub_id 'org/repo'.")
 
 
 @lru_cache(maxsize=None)
 def load_releases() -> Dict[str, Dict[str, Any]]:
     """All tags of the release list, published or planned, keyed by ``arch.tag``."""
     with open(RELEASES_FILE, encoding='utf-8') as f:
-        return json.load(f)['releases']
+        releases = json.load(f)['releases']
+    for name, entry in releases.items():
+        _check_entry(name, entry)
+    return releases
+
+
+def published_tags() -> List[str]:
+    """Tags whose weights are on the Hub, sorted."""
+    return sorted(name for name, entry in load_releases().items() if entry['status'] == 'published')
 
 
 def hub_cfg(name: str) -> Dict[str, Any]:
