@@ -1,0 +1,162 @@
+""" Smoke tests of benchmarks/throughput.py: tiny models, one repeat, the JSON schema and the checks that keep the
+comparison fair. No timing is asserted (that would be a flaky test of the machine, not of the script).
+"""
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+
+import timm
+import timm_posattn  # noqa: F401  registers the vit_posattn_* models
+
+SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks', 'throughput.py')
+TINY = 'vit_posattn_tiny_patch4_32'
+TINY_KWARGS = dict(depth=2)
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location('throughput', SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+throughput = _load_script()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One thread: the tests share a small, busy machine; restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _check_row(row, mode, batch_size):
+    for key in throughput.ROW_KEYS:
+        assert key in row, f'row lacks {key}'
+    assert row['mode'] == mode
+    assert row['device'] == 'cpu' and row['dtype'] == 'float32' and row['batch_size'] == batch_size
+    assert row['img_per_s'] > 0 and row['baseline_img_per_s'] > 0
+    assert row['ratio'] == pytest.approx(row['img_per_s'] / row['baseline_img_per_s'], rel=1e-2)
+    assert row['memory_method'] == 'cpu_allocator_peak_torch_profiler'
+    assert row['num_threads'] == 1
+    # Peak of a step holds at least the parameters (and, training, their gradients and two AdamW moments).
+    param_mb = row['param_count'] * 4 / 2 ** 20
+    assert row['peak_mem_mb'] > (4 if mode == 'train' else 1) * param_mb
+    assert row['baseline_peak_mem_mb'] > 0
+    # mem_ratio comes from exact bytes, the MB figures are rounded to 0.01: allow for that rounding only.
+    rounding = 0.005 * (1 + row['mem_ratio']) / row['baseline_peak_mem_mb'] + 5e-4
+    assert abs(row['mem_ratio'] - row['peak_mem_mb'] / row['baseline_peak_mem_mb']) <= rounding
+    assert len(row['seconds_per_repeat']) == row['repeats'] == 1
+    json.dumps(row)  # every value serializable
+
+
+def test_benchmark_pair_rows_schema():
+    rows = throughput.benchmark_pair(TINY, batch_size=2, warmup=1, repeats=1, model_kwargs=TINY_KWARGS)
+    assert [r['mode'] for r in rows] == ['infer', 'train']
+    for row, mode in zip(rows, ('infer', 'train')):
+        _check_row(row, mode, 2)
+        assert row['model'] == TINY
+        assert row['baseline'].startswith('vit_tiny_patch16_224(')
+        assert 'img_size=32' in row['baseline'] and 'patch_size=4' in row['baseline'] and 'depth=2' in row['baseline']
+        assert row['model_kwargs'] == {'depth': '2'}
+
+
+def test_timm_baseline_has_identical_architecture():
+    model = timm.create_model(TINY, **TINY_KWARGS)
+    baseline, label = throughput.create_baseline(TINY, model, 'timm', TINY_KWARGS)
+    assert type(baseline).__name__ == 'VisionTransformer'
+    assert throughput.vit_arch_kwargs(baseline) == throughput.vit_arch_kwargs(model)
+    info = throughput.check_pair(model, baseline, 'timm')
+    # Outside the attention modules the parameter counts are identical; only attention may differ.
+    assert info['param_count'] - info['attn_param_count'] == info['baseline_param_count'] - info[
+        'baseline_attn_param_count']
+    assert label == ('vit_tiny_patch16_224(img_size=32, patch_size=4, num_classes=10, depth=2, num_heads=12, '
+                     'mlp_ratio=1.0)')
+
+
+def test_timm_baseline_name_for_224_models():
+    assert throughput.timm_vit_name('vit_posattn_small_patch16_224') == 'vit_small_patch16_224'
+    assert throughput.timm_vit_name('vit_posattn_base_patch16_224.in1k') == 'vit_base_patch16_224'
+    assert throughput.timm_vit_name('vit_posattn_small_patch4_32') == 'vit_small_patch16_224'
+    model = timm.create_model('vit_posattn_tiny_patch16_224', depth=1)
+    _, label = throughput.create_baseline('vit_posattn_tiny_patch16_224', model, 'timm', dict(depth=1))
+    assert label == 'vit_tiny_patch16_224(depth=1)'
+
+
+def test_check_pair_rejects_mismatched_baseline():
+    model = timm.create_model(TINY, **TINY_KWARGS)
+    wider_mlp = timm.create_model(
+        'vit_tiny_patch16_224', img_size=32, patch_size=4, depth=2, num_heads=12, mlp_ratio=2.0, num_classes=10)
+    with pytest.raises(RuntimeError, match='mlp_ratio'):
+        throughput.check_pair(model, wider_mlp, 'timm')
+
+
+def test_twin_and_self_baselines():
+    model = timm.create_model(TINY, **TINY_KWARGS)
+    twin, label = throughput.create_baseline(TINY, model, 'twin', TINY_KWARGS)
+    assert twin.pos_attn_indices == [] and model.pos_attn_indices == [0, 1]
+    assert label == f'{TINY}(pos_attn_layers=none)'
+    throughput.check_pair(model, twin, 'twin')
+    same, label = throughput.create_baseline(TINY, model, 'self', TINY_KWARGS)
+    assert label == TINY
+    info = throughput.check_pair(model, same, 'self')
+    assert info['param_count'] == info['baseline_param_count']
+    with pytest.raises(ValueError, match='twin needs a vit_posattn'):
+        throughput.create_baseline('vit_tiny_patch16_224', timm.create_model('vit_tiny_patch16_224', depth=1),
+                                   'twin', dict(depth=1))
+
+
+def test_cpu_allocator_peak_counts_live_bytes():
+    def allocate():
+        a = torch.empty(1_000_000, dtype=torch.float32)  # 4 MB
+        b = torch.empty(1_000_000, dtype=torch.float32)  # 4 MB: 8 MB live
+        del a
+        c = torch.empty(2_000_000, dtype=torch.float32)  # 8 MB: 12 MB live, the peak
+        del b, c
+        d = torch.empty(500_000, dtype=torch.float32)  # 2 MB after everything else was freed
+        del d
+
+    assert throughput.cpu_allocator_peak(allocate) == 12_000_000
+
+
+def test_main_writes_json_and_table(tmp_path, capsys):
+    out = tmp_path / 'sub' / 'out.json'
+    payload = throughput.main([
+        '--models', TINY, '--baseline', 'twin', '--batch-size', '3', '--repeats', '1', '--modes', 'infer',
+        '--model-kwargs', 'depth=1', '--num-threads', '1', '--json', str(out)])
+    printed = capsys.readouterr().out
+    assert '| model | baseline | mode |' in printed and f'| {TINY} | {TINY}(pos_attn_layers=none) | infer | 3 |' in printed
+    saved = json.loads(out.read_text())
+    assert saved == json.loads(json.dumps(payload))
+    assert set(saved) == {'environment', 'rows', 'seconds_total'}
+    for key in ('command', 'cpu', 'cpu_count', 'num_threads', 'torch', 'timm', 'timm_posattn'):
+        assert key in saved['environment']
+    assert len(saved['rows']) == 1
+    _check_row(saved['rows'][0], 'infer', 3)
+    assert not [p for p in os.listdir(out.parent) if p != 'out.json'], 'temp file left behind'
+
+
+def test_main_rejects_bad_input():
+    with pytest.raises(SystemExit, match='unknown model'):
+        throughput.main(['--models', 'vit_posattn_nonexistent'])
+    with pytest.raises(SystemExit, match='batch-size'):
+        throughput.main(['--models', TINY, '--batch-size', '0'])
+    with pytest.raises(ValueError, match='dtype must be one of'):
+        throughput.benchmark_pair(TINY, dtype='int8', model_kwargs=TINY_KWARGS)
+    with pytest.raises(ValueError, match='repeats'):
+        throughput.benchmark_pair(TINY, repeats=0, model_kwargs=TINY_KWARGS)
+
+
+def test_markdown_table_one_line_per_row():
+    row = dict(model='a', baseline='b', mode='infer', batch_size=4, img_per_s=150.0, baseline_img_per_s=100.0,
+               ratio=1.5, peak_mem_mb=90.0, baseline_peak_mem_mb=100.0, mem_ratio=0.9)
+    table = throughput.markdown_table([row, dict(row, mode='train', peak_mem_mb=None, mem_ratio=None)])
+    lines = table.splitlines()
+    assert len(lines) == 4
+    assert lines[2] == '| a | b | infer | 4 | 150.0 | 100.0 | 1.50 | 90 | 100 | 0.90 |'
+    assert lines[3].endswith('| 1.50 | - | 100 | - |')
