@@ -1,0 +1,242 @@
+"""train.py / validate.py / timm_posattn.data: short CPU runs on tiny models and tiny datasets.
+
+Runs go through ``train.run`` in-process (no interpreter start-up per run) except the 2-process torchrun check.
+Every run uses a 1-block, width-24 positional ViT, a few hundred samples and no loader workers.
+"""
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import train  # noqa: E402
+import validate  # noqa: E402
+from timm_posattn.data import DatasetError, create_dataset  # noqa: E402
+
+TINY = ['--model-kwargs', 'depth=1', 'embed_dim=24', 'num_heads=2', '-j', '0', '--log-interval', '100']
+STRUCTURED_TINY = ['--train-num-samples', '384', '--val-num-samples', '256', '-b', '32', '--lr', '3e-3',
+                   '--warmup-epochs', '0', '--smoothing', '0']
+
+
+def run_train(capsys, *argv):
+    """Run train.py in-process; returns (exit code, stdout, stderr)."""
+    code = train.run([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def read_summary(path):
+    with open(path, newline='') as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope='module')
+def structured_run(tmp_path_factory):
+    """One epoch on `structured` with EMA, then --resume to a second epoch (the resume test reads both states)."""
+    out = tmp_path_factory.mktemp('out')
+    first = train.run(['--output', str(out), '--experiment', 'exp', '--epochs', '1', '--model-ema',
+                       '--model-ema-decay', '0.9', *STRUCTURED_TINY, *TINY])
+    assert first == 0
+    exp = out / 'exp'
+    first_ckpt = torch.load(exp / 'last.pth.tar', map_location='cpu', weights_only=True)
+    first_summary = read_summary(exp / 'summary.csv')
+    second = train.run(['--resume', str(exp / 'last.pth.tar'), '--epochs', '2', '--model-ema', '--model-ema-decay', '0.9',
+                        *STRUCTURED_TINY, *TINY])
+    assert second == 0
+    return exp, first_ckpt, first_summary
+
+
+def test_structured_run_learns_and_writes_outputs(structured_run):
+    exp, first_ckpt, first_summary = structured_run
+    for name in ('args.yaml', 'summary.csv', 'last.pth.tar', 'model_best.pth.tar'):
+        assert (exp / name).is_file(), name
+    assert not list(exp.glob('*.partial')) and not list(exp.glob('*.tmp'))
+    rows = read_summary(exp / 'summary.csv')
+    assert [int(r['epoch']) for r in rows] == [0, 1]
+    assert {'train_loss', 'eval_loss', 'eval_top1', 'eval_top5', 'lr'} <= set(rows[0])
+    assert float(rows[-1]['eval_top1']) > 65.0, rows  # two balanced classes: chance is 50%
+    args = yaml.safe_load((exp / 'args.yaml').read_text())
+    assert args['dataset'] == 'structured' and args['model'] == 'vit_posattn_tiny_patch4_32'
+
+
+def test_checkpoints_load_weights_only(structured_run):
+    exp, _, _ = structured_run
+    for name in ('last.pth.tar', 'model_best.pth.tar'):
+        ckpt = torch.load(exp / name, map_location='cpu', weights_only=True)  # raises on pickled objects
+        assert isinstance(ckpt['args'], dict) and ckpt['args']['model_kwargs']['depth'] == 1
+        assert {'state_dict', 'state_dict_ema', 'optimizer', 'epoch'} <= set(ckpt)
+
+
+def test_resume_continues_epoch_and_optimizer(structured_run):
+    exp, first_ckpt, first_summary = structured_run
+    last = torch.load(exp / 'last.pth.tar', map_location='cpu', weights_only=True)
+    assert first_ckpt['epoch'] == 0 and last['epoch'] == 1
+    # AdamW's step counter continues from the first run instead of restarting
+    first_steps = next(iter(first_ckpt['optimizer']['state'].values()))['step']
+    last_steps = next(iter(last['optimizer']['state'].values()))['step']
+    assert float(last_steps) == 2 * float(first_steps)
+    # the first epoch's summary row is kept, not repeated
+    rows = read_summary(exp / 'summary.csv')
+    assert rows[0] == first_summary[0] and len(rows) == 2
+    # the EMA was restored and kept moving (it differs from the raw weights after training)
+    key = 'head.weight'
+    assert not torch.equal(last['state_dict_ema'][key], first_ckpt['state_dict_ema'][key])
+
+
+def test_existing_experiment_is_not_overwritten(structured_run, capsys):
+    exp, _, _ = structured_run
+    before = (exp / 'last.pth.tar').stat().st_mtime_ns
+    code, out, err = run_train(capsys, '--output', exp.parent, '--experiment', exp.name, '--epochs', '1',
+                               *STRUCTURED_TINY, *TINY)
+    assert code == 2 and 'already exists' in err and '--overwrite' in err
+    assert (exp / 'last.pth.tar').stat().st_mtime_ns == before
+
+
+def test_validate_checkpoint_on_structured(structured_run, capsys):
+    exp, _, _ = structured_run
+    code = validate.main(['--checkpoint', str(exp / 'model_best.pth.tar'), '--num-samples', '128', '-j', '0',
+                          '--results-file', str(exp / 'eval.json')])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert 'Top-1:' in out and 'Top-5:' in out
+    results = yaml.safe_load((exp / 'eval.json').read_text())
+    assert results['num_samples'] == 128 and 50.0 < results['top1'] <= 100.0
+
+
+def _image_folder(root: Path, per_class: int = 12):
+    """train/ and validation/ with two colour classes whose images differ in their left half."""
+    gen = torch.Generator().manual_seed(0)
+    for split in ('train', 'validation'):
+        for label, colour in enumerate(((220, 40, 40), (40, 40, 220))):
+            folder = root / split / f'class{label}'
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                noise = torch.randint(0, 40, (32, 32, 3), generator=gen, dtype=torch.uint8)
+                img = noise.clone()
+                img[:, :16] += torch.tensor(colour, dtype=torch.uint8)
+                Image.fromarray(img.numpy()).save(folder / f'{i}.png')
+    return root
+
+
+def test_image_folder_with_yaml_config(tmp_path, capsys):
+    data = _image_folder(tmp_path / 'data')
+    cfg = tmp_path / 'cfg.yaml'
+    cfg.write_text(yaml.safe_dump({
+        'model': 'vit_posattn_tiny_patch4_32', 'model_kwargs': {'depth': 1, 'embed_dim': 24, 'num_heads': 2,
+                                                                'pos_attn_layers': 'none'},
+        'epochs': 1, 'batch_size': 8, 'lr': '1e-3', 'workers': 0, 'hflip': 0.0, 'experiment': 'folder',
+    }))
+    code, out, err = run_train(capsys, '-c', cfg, '--data-dir', data, '--output', tmp_path / 'out', '-b', '16')
+    assert code == 0, err
+    args = yaml.safe_load((tmp_path / 'out' / 'folder' / 'args.yaml').read_text())
+    assert args['batch_size'] == 16  # the command line overrides the config
+    assert args['lr'] == pytest.approx(1e-3) and args['hflip'] == 0.0  # config values, YAML strings typed
+    assert args['model_kwargs']['pos_attn_layers'] == 'none' and args['num_classes'] == 2  # from the folders
+    assert args['dataset'] == '' and not args['no_aug']
+    assert 'Final top-1' in out and 'Patch association' not in out  # no positional blocks in the twin
+    rows = read_summary(tmp_path / 'out' / 'folder' / 'summary.csv')
+    assert len(rows) == 1
+
+    code = validate.main(['--checkpoint', str(tmp_path / 'out' / 'folder' / 'last.pth.tar'),
+                          '--data-dir', str(data), '-j', '0'])
+    out, err = capsys.readouterr()
+    assert code == 0, err and 'Top-1:' in out
+
+
+def test_config_keys_must_be_arguments(tmp_path):
+    cfg = tmp_path / 'bad.yaml'
+    cfg.write_text('epochs: 1\nlearning_rate: 0.1\n')
+    with pytest.raises(train.UsageError, match='learning_rate'):
+        train.parse_args(['-c', str(cfg)])
+
+
+@pytest.mark.parametrize('path', sorted((REPO / 'configs').glob('*.yaml')), ids=lambda p: p.name)
+def test_recipes_parse_into_train_arguments(path):
+    args, _ = train.parse_args(['-c', str(path)])
+    cfg = yaml.safe_load(path.read_text())
+    for key, value in cfg.items():
+        got = getattr(args, key)
+        assert got == value or got == pytest.approx(value), key
+    assert args.opt == 'adamw' and args.sched == 'cosine' and args.epochs == 300
+    assert args.model_kwargs['pos_attn_layers'] in ('all', 'none')
+
+
+@pytest.mark.parametrize('name', ['cifar10', 'cifar100', 'svhn', 'imagenet'])
+def test_recipe_twins_differ_only_in_attention(name):
+    pos = yaml.safe_load((REPO / 'configs' / f'{name}_posattn.yaml').read_text())
+    std = yaml.safe_load((REPO / 'configs' / f'{name}_standard.yaml').read_text())
+    assert pos.pop('model_kwargs') == {'pos_attn_layers': 'all'}
+    assert std.pop('model_kwargs') == {'pos_attn_layers': 'none'}
+    assert pos.pop('experiment') != std.pop('experiment')
+    assert pos == std
+    expected_batch = 128  # per process: 128 for the small datasets, 8 x 128 = 1024 for ImageNet
+    assert pos['batch_size'] == expected_batch
+
+
+@pytest.mark.parametrize('argv, expected', [
+    (['--data-dir', '/nonexistent/imagenet'], 'does not exist'),
+    (['--dataset', 'torch/cifar10', '--data-dir', '/nonexistent/cifar'], 'does not exist'),
+    (['--dataset', 'torch/svhn', '--data-dir', '{tmp}'], 'train_32x32.mat'),
+    (['--data-dir', '{tmp}/empty'], 'Found 0 images'),
+    (['--data-dir', '{tmp}/file.txt'], 'is a file'),
+])
+def test_bad_dataset_path_is_one_clean_line(tmp_path, capsys, argv, expected):
+    (tmp_path / 'empty' / 'train').mkdir(parents=True)
+    (tmp_path / 'file.txt').write_text('not a dataset')
+    argv = [a.replace('{tmp}', str(tmp_path)) for a in argv]
+    code, out, err = run_train(capsys, *argv, '--output', tmp_path / 'out', *TINY)
+    assert code == 2
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith('error: ') and expected in lines[0], err
+    assert 'Traceback' not in err
+
+
+def test_structured_splits_share_the_partition():
+    train_ds = create_dataset('structured', split='train', num_samples=8, data_seed=3)
+    val_ds = create_dataset('structured', split='validation', num_samples=8, data_seed=3)
+    assert torch.equal(train_ds.partition, val_ds.partition)
+    with pytest.raises(DatasetError, match='no split'):
+        create_dataset('structured', split='extra')
+
+
+def test_svhn_splits(tmp_path):
+    with pytest.raises(DatasetError, match="split 'bogus'"):
+        create_dataset('torch/svhn', root=str(tmp_path), split='bogus')
+    with pytest.raises(DatasetError, match='extra_32x32.mat'):
+        create_dataset('torch/svhn', root=str(tmp_path), split='extra')
+    with pytest.raises(DatasetError, match='test_32x32.mat'):  # validation is SVHN's test split
+        create_dataset('torch/svhn', root=str(tmp_path), split='validation')
+
+
+def test_non_finite_loss_stops_with_the_step(tmp_path, capsys):
+    code, out, err = run_train(capsys, '--output', tmp_path, '--experiment', 'nan', '--epochs', '1',
+                               '--opt', 'sgd', '--lr', '1e30', '--train-num-samples', '96', '--val-num-samples', '32',
+                               '-b', '16', *TINY)
+    assert code == 3
+    assert 'non-finite' in err or 'loss is' in err
+    assert 'step' in err and 'epoch 0' in err
+    assert not (tmp_path / 'nan' / 'last.pth.tar').exists()
+
+
+def test_torchrun_two_processes_gloo(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=str(REPO))
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+           str(REPO / 'train.py'), '--output', str(tmp_path), '--experiment', 'ddp', '--epochs', '1',
+           '--device', 'cpu', *STRUCTURED_TINY, *TINY, '--no-attention-plot']
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count('Final top-1') == 1  # only rank 0 reports
+    assert 'Distributed training: 2 processes' in proc.stderr + proc.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['ddp']
+    rows = read_summary(tmp_path / 'ddp' / 'summary.csv')
+    assert len(rows) == 1  # written once, by rank 0
+    ckpt = torch.load(tmp_path / 'ddp' / 'last.pth.tar', map_location='cpu', weights_only=True)
+    assert not any(k.startswith('module.') for k in ckpt['state_dict'])  # saved unwrapped from DDP

@@ -1,0 +1,141 @@
+"""Dataset factory for training and evaluation.
+
+timm's ``create_dataset`` covers image folders, tar files, ``torch/cifar10``/``torch/cifar100``, ``hfds/``, ``wds/``
+and more, but not SVHN nor the paper's synthetic dataset. This module adds those two and otherwise defers to timm,
+turning the many ways a missing or malformed dataset fails (AssertionError, RuntimeError, FileNotFoundError...)
+into one :class:`DatasetError` whose message says what was expected, so scripts can print a single line.
+"""
+import os
+from typing import Any, Optional
+
+from torch.utils.data import Dataset
+from timm.data import create_dataset as timm_create_dataset
+
+__all__ = ['DatasetError', 'create_dataset', 'is_structured', 'STRUCTURED_NAME', 'SVHN_SPLITS']
+
+STRUCTURED_NAME = 'structured'
+SVHN_SPLITS = ('train', 'test', 'extra')
+
+_TRAIN_SYNONYMS = ('train', 'training')
+_EVAL_SYNONYMS = ('val', 'valid', 'validation', 'eval', 'evaluation')
+_FOLDER_NAMES = ('', 'folder', 'image_folder', 'imagefolder')
+
+
+class DatasetError(ValueError):
+    """A dataset could not be opened; the message names the dataset, split, path and what was expected."""
+
+
+def is_structured(name: Optional[str]) -> bool:
+    """True for the built-in spatially structured dataset of the paper (``structured``)."""
+    return (name or '').lower() == STRUCTURED_NAME
+
+
+def _structured_split(split: str) -> str:
+    split = split.split('[')[0].lower()
+    if split in _TRAIN_SYNONYMS:
+        return 'train'
+    if split in _EVAL_SYNONYMS:
+        return 'validation'
+    if split == 'test':
+        return 'test'
+    raise DatasetError(f"dataset 'structured' has no split '{split}': expected train, validation or test")
+
+
+def _create_structured(split: str, num_samples: Optional[int], data_seed: int) -> Dataset:
+    from .structured import StructuredImageDataset
+    return StructuredImageDataset(split=_structured_split(split), num_samples=num_samples, seed=data_seed)
+
+
+def _svhn_split(split: str) -> str:
+    split = split.split('[')[0].lower()
+    if split in _TRAIN_SYNONYMS:
+        return 'train'
+    if split in _EVAL_SYNONYMS or split == 'test':
+        return 'test'  # SVHN has no validation split; the test split is the one papers report
+    if split == 'extra':
+        return 'extra'
+    raise DatasetError(f"dataset 'torch/svhn' has no split '{split}': expected one of {', '.join(SVHN_SPLITS)}")
+
+
+def _create_svhn(root: Optional[str], split: str, download: bool) -> Dataset:
+    from torchvision.datasets import SVHN
+    if not root:
+        raise DatasetError("dataset 'torch/svhn' needs --data-dir (where the .mat files are, or go with --dataset-download)")
+    split = _svhn_split(split)
+    try:
+        return SVHN(root=root, split=split, download=download)
+    except RuntimeError as e:
+        hint = '' if download else ' (add --dataset-download to fetch it)'
+        raise DatasetError(f"dataset 'torch/svhn' split '{split}' not found under '{root}': "
+                           f"expected {split}_32x32.mat{hint}") from e
+
+
+def _check_root(name: str, root: Optional[str], download: bool) -> None:
+    """Reject roots that cannot hold the dataset before timm fails on them with a less helpful error."""
+    prefix = name.partition('/')[0].lower() if '/' in name else ''
+    if name.lower() in _FOLDER_NAMES or name.lower() in ('torch/folder', 'torch/image_folder'):
+        if not root:
+            raise DatasetError('an image-folder dataset needs --data-dir: a folder with train/ and validation/ '
+                               'sub-folders of class folders, or a .tar file')
+        if not os.path.exists(root):
+            raise DatasetError(f"dataset path '{root}' does not exist: expected a folder with train/ and "
+                               f"validation/ sub-folders of class folders, or a .tar file")
+        if os.path.isfile(root) and not root.endswith('.tar'):
+            raise DatasetError(f"dataset path '{root}' is a file: expected a folder of class folders or a .tar file")
+    elif prefix == 'torch':
+        if not root:
+            raise DatasetError(f"dataset '{name}' needs --data-dir (where it is stored, or go with --dataset-download)")
+        if not download and not os.path.isdir(root):
+            raise DatasetError(f"dataset path '{root}' for '{name}' does not exist "
+                               f"(add --dataset-download to fetch it there)")
+
+
+def create_dataset(
+        name: str,
+        root: Optional[str] = None,
+        split: str = 'validation',
+        is_training: bool = False,
+        download: bool = False,
+        num_samples: Optional[int] = None,
+        data_seed: int = 0,
+        **kwargs: Any,
+) -> Dataset:
+    """Create a dataset by timm-style name: ``structured``, ``torch/svhn``, or anything ``timm.data.create_dataset`` takes.
+
+    Args:
+        name: ``structured``, ``torch/svhn``, ``torch/cifar10``, ``hfds/...``, ``wds/...``, or '' for a folder/tar.
+        root: Dataset location (unused by ``structured``).
+        split: Split name; ``validation`` maps to ``test`` for datasets that only have train/test.
+        is_training: Passed to timm (shuffling of iterable datasets).
+        download: Allow torchvision datasets to download.
+        num_samples: Number of samples of ``structured`` (or of timm's iterable datasets).
+        data_seed: Seed that generates the ``structured`` dataset (its hidden partition and samples).
+        **kwargs: Passed through to ``timm.data.create_dataset``.
+
+    Raises:
+        DatasetError: when the dataset is missing, empty, or the split does not exist.
+    """
+    name = name or ''
+    if is_structured(name):
+        return _create_structured(split, num_samples, data_seed)
+    if name.lower() == 'torch/svhn':
+        return _create_svhn(root, split, download)
+
+    _check_root(name, root, download)
+    try:
+        ds = timm_create_dataset(
+            name, root=root, split=split, is_training=is_training, download=download, num_samples=num_samples,
+            **kwargs)
+    except DatasetError:
+        raise
+    except (AssertionError, RuntimeError, FileNotFoundError, NotADirectoryError, ValueError, OSError) as e:
+        detail = str(e).strip() or type(e).__name__
+        raise DatasetError(f"could not open dataset '{name or 'image folder'}' split '{split}' at '{root}': "
+                           f"{detail}") from e
+    try:
+        empty = len(ds) == 0
+    except TypeError:  # iterable datasets without a length
+        empty = False
+    if empty:
+        raise DatasetError(f"dataset '{name or 'image folder'}' split '{split}' at '{root}' has no images")
+    return ds
