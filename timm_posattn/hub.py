@@ -138,12 +138,13 @@ def _require_registered(architecture: str, origin: str) -> None:
     if is_model(architecture):
         return
     if architecture.startswith('vit_posattn'):
-        hint = (f'`import timm_posattn` is done, but this version of timm_posattn ({_package_version()}) does not '
-                f'define {architecture!r}; upgrade timm_posattn.')
+        detail = (f'`import timm_posattn` registers the vit_posattn_* models, but the installed timm_posattn '
+                  f'({_package_version()}) does not define this one; upgrade timm_posattn.')
     else:
-        hint = ('vit_posattn_* models are registered by `import timm_posattn`; other plugin models need their '
-                'package imported the same way before calling timm.create_model().')
-    raise UnknownArchitectureError(f'Unknown model architecture {architecture!r} (from {origin}). {hint}')
+        detail = ('Run `import timm_posattn` before timm.create_model() for vit_posattn_* models; models of other '
+                  'timm plugins need their package imported the same way.')
+    raise UnknownArchitectureError(
+        f'Unknown model architecture {architecture!r} (from {origin}): timm has no such model registered. {detail}')
 
 
 def _package_version() -> str:

@@ -103,12 +103,23 @@ def data_config_from_args(args: Dict[str, Any]) -> Dict[str, Any]:
 
 def measure_model(model: torch.nn.Module, input_size: Sequence[int], device: str = 'cpu', batch_size: int = 64,
                   min_seconds: float = 1.0, benchmark: bool = True) -> Dict[str, Any]:
-    """Params, GMACs (torch.utils.flop_counter, MACs = FLOPs / 2) and inference img/s on this machine."""
+    """Params, GMACs (torch.utils.flop_counter, MACs = FLOPs / 2) and inference img/s on this machine.
+
+    vit_posattn models cache their input-independent positional attention in eval mode without grad, so a
+    batch's cost per image (``gmacs``) excludes computing it; ``gmacs_uncached`` is one image with the attention
+    computed (as in training). Models without such a cache report the same number twice.
+    """
     from torch.utils.flop_counter import FlopCounterMode
     stats: Dict[str, Any] = dict(params_m=sum(p.numel() for p in model.parameters()) / 1e6)
+    model.eval()
     x = torch.randn(1, *input_size)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(x)
+    with FlopCounterMode(display=False) as counter:
+        model(x)  # grad enabled: no cache, attention computed from the positional encodings
+    stats['gmacs_uncached'] = counter.get_total_flops() / 2 / 1e9
+    with torch.no_grad():
+        model(x)  # fills the cache (if the model has one) outside the counter
+        with FlopCounterMode(display=False) as counter:
+            model(x)
     stats['gmacs'] = counter.get_total_flops() / 2 / 1e9
     if not benchmark:
         return stats
@@ -391,7 +402,9 @@ def _results_table(result: Optional[Dict[str, Any]], stats: Dict[str, Any], inpu
         f'| Top-1 accuracy (%) | {top1} | {source} |',
         f'| Top-5 accuracy (%) | {top5} | {top5_how} |',
         f"| Params (M) | {_fmt(stats['params_m'])} | counted on the published weights |",
-        f"| GMACs | {_fmt(stats['gmacs'], 3)} | torch.utils.flop_counter at 1x{shape} (FLOPs / 2) |",
+        f"| GMACs | {_fmt(stats['gmacs'], 3)} | torch.utils.flop_counter at 1x{shape} (FLOPs / 2), inference |",
+        f"| GMACs, attention computed | {_fmt(stats['gmacs_uncached'], 3)} | same, positional attention not cached "
+        f"(training forward; inference computes it once, not per image) |",
         f'| Throughput (img/s) | {speed} | {speed_how} |',
     ])
 
