@@ -401,3 +401,23 @@ def test_release_entries_are_validated():
         releases._check_entry('m.tag', dict(status='uploaded'))
     with pytest.raises(ValueError, match='hf_hub_id'):
         releases._check_entry('m.tag', dict(status='published', hf_hub_id=None))
+
+
+def test_summary_of_another_run_is_rejected(run_dir, tmp_path):
+    other = tmp_path / 'other_summary.csv'
+    other.write_text('epoch,train_loss,eval_loss,eval_top1,eval_top5,lr\n0,1,1,10.0,100,0.1\n1,1,1,20.0,100,0.1\n')
+    with pytest.raises(ValueError, match='not from the run'):
+        publish.publish(str(run_dir / 'checkpoint.pth.tar'), MODEL, str(tmp_path / 'out'), results=str(other))
+    assert not (tmp_path / 'out').exists()
+
+
+def test_no_ema_publishes_plain_weights_without_the_ema_accuracy(run_dir, tmp_path):
+    ckpt = run_dir / 'checkpoint.pth.tar'
+    summary = publish.publish(str(ckpt), MODEL, str(tmp_path / 'out'), results=str(run_dir / 'summary.csv'),
+                              use_ema=False, benchmark=False)
+    assert summary['result'] is None  # summary.csv holds the EMA model's accuracy
+    plain = _model()
+    plain.load_state_dict(torch.load(ckpt, weights_only=True)['state_dict'])
+    loaded = hub.load_model(tmp_path / 'out')
+    torch.testing.assert_close(_logits(loaded), _logits(plain), rtol=0, atol=1e-6)
+    assert json.loads((tmp_path / 'out' / 'config.json').read_text())['timm_posattn']['weights'] == 'state_dict'

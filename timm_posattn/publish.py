@@ -72,7 +72,7 @@ def load_train_checkpoint(path: str, use_ema: bool = True) -> Tuple[Dict[str, to
     if not isinstance(args, dict):
         raise ValueError(f"{path}: 'args' must be a plain dict (got {type(args).__name__}).")
     info = dict(arch=ckpt.get('arch'), epoch=ckpt.get('epoch'), args=args, metric=ckpt.get('metric'),
-                weights=weights, checkpoint=os.path.basename(path))
+                weights=weights, has_ema=bool(ckpt.get('state_dict_ema')), checkpoint=os.path.basename(path))
     return clean_state_dict(ckpt[weights]), info
 
 
@@ -98,7 +98,7 @@ def build_source_model(model_name: str, state_dict: Dict[str, torch.Tensor], arg
 
 def data_config_from_args(args: Dict[str, Any]) -> Dict[str, Any]:
     """The preprocessing train.py used (mean/std/crop/interpolation), for config.json's pretrained_cfg."""
-    return {k: args[k] for k in _DATA_ARG_KEYS if args.get(k) is not None}
+    return {k: args[k] for k in _DATA_ARG_KEYS if args.get(k) not in (None, '')}
 
 
 def measure_model(model: torch.nn.Module, input_size: Sequence[int], device: str = 'cpu', batch_size: int = 64,
@@ -247,6 +247,9 @@ CARDS_DIR = Path(__file__).resolve().parents[1] / 'model_cards'
 _CARD_FAMILIES = ((re.compile(r'_patch\d+_32$'), 'vit_posattn_patch4_32.md'),
                   (re.compile(r'.*'), 'vit_posattn_patch16_224.md'))
 NOT_MEASURED = 'not measured'
+# local paths of the training machine, and values train.py sets at run time (not arguments of train.py)
+_UNPUBLISHED_ARGS = {'data_dir', 'data', 'output', 'resume', 'initial_checkpoint', 'log_wandb', 'experiment',
+                     'config', 'distributed', 'world_size', 'rank', 'local_rank', 'prefetcher'}
 
 CIFAR10_LABELS = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
 CIFAR100_LABELS = tuple(
@@ -322,6 +325,15 @@ def select_result(rows: List[Dict[str, float]], epoch: Optional[int],
     else:
         selection = f'epoch {int(epoch)}'
     return dict(row, selection=selection)
+
+
+def _check_result_matches_checkpoint(result: Dict[str, Any], info: Dict[str, Any], results: str) -> None:
+    """The checkpoint stores the metric train.py ranked it by; a summary.csv of another run will not match it."""
+    metric_name = f"eval_{info['args'].get('eval_metric', 'top1')}"
+    if info['metric'] is not None and metric_name in result and abs(result[metric_name] - info['metric']) > 1e-4:
+        raise ValueError(
+            f"{results}: {metric_name}={result[metric_name]} at epoch {info['epoch']}, but the checkpoint recorded "
+            f"{info['metric']}: this summary.csv is not from the run that wrote the checkpoint.")
 
 
 def find_card_template(architecture: str, override: Optional[str] = None) -> str:
@@ -423,11 +435,13 @@ def _comparison(result: Optional[Dict[str, Any]], twin: Optional[Dict[str, Any]]
 def _training_args(args: Dict[str, Any]) -> str:
     if not args:
         return f'Training arguments: {NOT_MEASURED} (the checkpoint holds no args).'
-    hidden = {'data_dir', 'data', 'output', 'resume', 'initial_checkpoint', 'log_wandb', 'experiment'}
-    shown = {k: v for k, v in args.items() if k not in hidden}
-    return ('Arguments of the train.py run, as stored in the checkpoint (save them as `args.yaml` and run '
-            '`python train.py --config args.yaml --data-dir DATA` to repeat it):\n\n```yaml\n'
-            + yaml.safe_dump(shown, sort_keys=True, default_flow_style=None) + '```')
+    shown = {k: v for k, v in args.items() if k not in _UNPUBLISHED_ARGS and v is not None}
+    recipe = ''
+    if args.get('config'):
+        recipe = f"Recipe file: `{args['config']}` (`python train.py -c {args['config']} --data-dir DATA`).\n\n"
+    return (recipe + 'Arguments of the train.py run, as stored in the checkpoint (unset ones and local paths '
+            'left out). Saved as `args.yaml`, `python train.py -c args.yaml --data-dir DATA` repeats the run:'
+            '\n\n```yaml\n' + yaml.safe_dump(shown, sort_keys=True, default_flow_style=None) + '```')
 
 
 def render_model_card(template: str, model_name: str, config: Dict[str, Any], info: Dict[str, Any],
@@ -498,6 +512,12 @@ def publish(checkpoint: str, model_name: str, out: str, repo_id: Optional[str] =
 
     rows = read_summary(results) if results else []
     result = select_result(rows, info['epoch']) if rows else None
+    if result is not None:
+        _check_result_matches_checkpoint(result, info, results)
+        if info['has_ema'] and info['weights'] != 'state_dict_ema':
+            _logger.warning('train.py evaluated the EMA weights, not the non-EMA weights published with --no-ema: '
+                            'the card reports their accuracy as not measured.')
+            result = None
     twin_rows = read_summary(twin_results) if twin_results else []
     twin = select_result(twin_rows, None, like=(result, rows)) if twin_rows else None
 
