@@ -1,0 +1,152 @@
+"""The paper's simplified positional-attention model and its gradient-descent training.
+
+F(X) = sum_i sum_r sigma(<v_r, sum_j A_ij X_j>), A = row softmax of learned positional logits, sigma(t) = t^3.
+The activation has to be odd: a sum of ReLUs is never negative, so it cannot give the sign of y.
+
+How the logits start decides which of the many generalizing solutions gradient descent finds:
+  * ``init='random'``: small random logits. Uniform attention is a fixed point (every row gets the same gradient);
+    the small asymmetry lets each row concentrate on *some* hidden set, not necessarily its own.
+  * ``init='local'``: ``beta * I`` plus small noise, each patch first prefers itself, so the set that wins row i is
+    i's own set: the patch association of the paper's theorem.
+"""
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.optim import create_optimizer_v2
+
+from .association import association_metrics
+from .structured import StructuredConfig, make_structure, sample_structured
+
+__all__ = ['SimplifiedPositionalModel', 'logistic_loss', 'accuracy', 'train_online', 'train_fixed', 'INITS']
+
+INITS = ('local', 'random')
+
+
+class SimplifiedPositionalModel(nn.Module):
+    """One positional-attention layer (logits ``(D, D)``) followed by ``num_neurons`` cubic neurons, summed."""
+
+    def __init__(
+            self,
+            num_patches: int,
+            patch_dim: int,
+            num_neurons: int = 4,
+            init: str = 'local',
+            beta: float = 1.0,
+            logit_noise: float = 0.01,
+            seed: int = 0,
+    ):
+        super().__init__()
+        if init not in INITS:
+            raise ValueError(f'expected init in {INITS}, got {init!r}')
+        g = torch.Generator().manual_seed(int(seed))
+        logits = logit_noise * torch.randn(num_patches, num_patches, generator=g)
+        if init == 'local':
+            logits = logits + beta * torch.eye(num_patches)
+        self.init = init
+        self.attn_logits = nn.Parameter(logits)
+        self.neurons = nn.Parameter(torch.randn(num_neurons, patch_dim, generator=g) / patch_dim ** 0.5)
+
+    def attention(self) -> torch.Tensor:
+        """The (D, D) positional attention matrix; rows sum to 1."""
+        return self.attn_logits.softmax(dim=-1)
+
+    def reset_neurons(self, seed: int = 0):
+        """Draw new neurons (the readout of a new feature) while keeping the attention."""
+        g = torch.Generator().manual_seed(int(seed))
+        with torch.no_grad():
+            self.neurons.copy_(torch.randn(self.neurons.shape, generator=g) / self.neurons.shape[1] ** 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 3 or x.shape[1:] != (self.attn_logits.shape[0], self.neurons.shape[1]):
+            raise ValueError(f'expected inputs (N, {self.attn_logits.shape[0]}, {self.neurons.shape[1]}), '
+                             f'got {tuple(x.shape)}')
+        mixed = torch.einsum('ij,njd->nid', self.attention(), x)
+        return (mixed @ self.neurons.t()).pow(3).sum(dim=(1, 2))
+
+
+def logistic_loss(output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """log(1 + exp(-y F(X))) averaged, y in {-1, +1}."""
+    return F.softplus(-y * output).mean()
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 4096) -> float:
+    """Fraction of samples with sign(F(X)) == y."""
+    correct = 0
+    for start in range(0, len(x), batch_size):
+        out = model(x[start:start + batch_size])
+        correct += int((torch.sign(out) == y[start:start + batch_size]).sum())
+    return correct / max(len(x), 1)
+
+
+def _optimizer(params, lr: float):
+    return create_optimizer_v2(params, opt='adam', lr=lr, weight_decay=0.0)
+
+
+def train_online(
+        model: SimplifiedPositionalModel,
+        config: StructuredConfig,
+        steps: int = 1500,
+        batch_size: int = 256,
+        lr: float = 0.01,
+        seed: int = 0,
+        feature: Optional[torch.Tensor] = None,
+        eval_every: int = 50,
+        callback: Optional[Callable[[Dict[str, float]], None]] = None,
+) -> List[Dict[str, float]]:
+    """Adam on the logistic loss with ``batch_size`` fresh samples per step (the population-loss regime).
+
+    Every ``eval_every`` steps (and at the end) the attention is scored against the hidden partition; returns that
+    history as a list of dicts ``step, loss, association, set_purity, partition_ari``.
+    """
+    partition, default_feature = make_structure(config)
+    feature = default_feature if feature is None else feature
+    optimizer = _optimizer(model.parameters(), lr)
+    history = []
+    loss_sum, loss_count = 0.0, 0
+    for step in range(steps + 1):
+        if step % eval_every == 0 or step == steps:
+            record = dict(step=step, loss=loss_sum / loss_count if loss_count else float('nan'))
+            record.update(association_metrics(model.attention(), partition))
+            history.append(record)
+            if callback is not None:
+                callback(record)
+            loss_sum, loss_count = 0.0, 0
+        if step == steps:
+            break
+        # seeds of the online batches are disjoint from the evaluation seeds used by the experiments (< 10**6)
+        x, y = sample_structured(config, batch_size, 10 ** 6 + seed * 100_003 + step, partition, feature)
+        loss = logistic_loss(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.item()
+        loss_count += 1
+    return history
+
+
+def train_fixed(
+        model: SimplifiedPositionalModel,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        steps: int = 500,
+        lr: float = 0.01,
+        train_attention: bool = True,
+) -> float:
+    """Full-batch Adam on a fixed training set (the few-sample downstream regime); returns the final loss.
+
+    ``train_attention=False`` keeps the positional attention as it is and learns only the neurons.
+    """
+    params = [model.neurons] + ([model.attn_logits] if train_attention else [])
+    model.attn_logits.requires_grad_(train_attention)
+    optimizer = _optimizer(params, lr)
+    loss = torch.tensor(float('nan'))
+    for _ in range(steps):
+        loss = logistic_loss(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.attn_logits.requires_grad_(True)
+    return float(loss)
