@@ -421,3 +421,13 @@ def test_no_ema_publishes_plain_weights_without_the_ema_accuracy(run_dir, tmp_pa
     loaded = hub.load_model(tmp_path / 'out')
     torch.testing.assert_close(_logits(loaded), _logits(plain), rtol=0, atol=1e-6)
     assert json.loads((tmp_path / 'out' / 'config.json').read_text())['timm_posattn']['weights'] == 'state_dict'
+
+
+def test_dataset_facts_for_the_card():
+    cifar100 = publish.dataset_info('torch/cifar100', 100)
+    assert cifar100['hub_id'] == 'cifar100' and len(set(cifar100['label_names'])) == 100
+    imagenet = publish.dataset_info('in1k', 1000)  # an ImageFolder run published with the .in1k tag
+    assert imagenet['hub_id'] == 'imagenet-1k' and imagenet['label_names'][0] == 'n01440764'
+    assert publish.dataset_info('torch/cifar10', 5)['label_names'] is None  # relabelled subset: no wrong names
+    unknown = publish.dataset_info('hfds/someone/flowers', 7)
+    assert unknown['hub_id'] is None and unknown['label_names'] is None and unknown['title'] == 'hfds/someone/flowers'

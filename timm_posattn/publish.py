@@ -528,6 +528,8 @@ def publish(checkpoint: str, model_name: str, out: str, repo_id: Optional[str] =
             timm_posattn_version=_package_version(), source_checkpoint=info['checkpoint'], weights=info['weights'],
             epoch=info['epoch'])}
         dataset = dataset_info(args.get('dataset'), source.num_classes)
+        if dataset['key'] not in DATASETS and tag:
+            dataset = dataset_info(tag, source.num_classes)  # e.g. an ImageNet folder ('' dataset) published as .in1k
         # what the weights are, not what the source model's default tag was
         model_config['pretrained_cfg'] = dict(num_classes=source.num_classes, license=card_license)
         if tag or dataset['key']:
