@@ -431,3 +431,24 @@ def test_dataset_facts_for_the_card():
     assert publish.dataset_info('torch/cifar10', 5)['label_names'] is None  # relabelled subset: no wrong names
     unknown = publish.dataset_info('hfds/someone/flowers', 7)
     assert unknown['hub_id'] is None and unknown['label_names'] is None and unknown['title'] == 'hfds/someone/flowers'
+
+
+def test_card_names_the_attention_and_compares_with_the_twin(published):
+    out, _ = published
+    config = json.loads((out / 'config.json').read_text())
+    rows = [dict(epoch=0.0, eval_top1=60.0, eval_top5=100.0), dict(epoch=1.0, eval_top1=70.0, eval_top5=100.0)]
+    twin_rows = [dict(epoch=0.0, eval_top1=65.0, eval_top5=100.0), dict(epoch=1.0, eval_top1=55.0, eval_top5=100.0)]
+    result = publish.select_result(rows, 1)
+    twin = publish.select_result(twin_rows, None, like=(result, rows))
+    assert result['selection'] == 'final' and twin['eval_top1'] == 55.0  # the twin's final epoch, not its best
+    info = dict(args={}, checkpoint='c.pth.tar', epoch=1, weights='state_dict')
+    stats = dict(params_m=1.0, gmacs=0.1, gmacs_uncached=0.2)
+    arch = dict(depth=2, embed_dim=192, num_heads=12, mlp_hidden=192, patch_size=(4, 4), positional_blocks=[0, 1])
+    common = dict(template=publish.find_card_template(MODEL), model_name=MODEL, config=config, info=info, stats=stats,
+                  result=result, dataset=publish.dataset_info('torch/cifar10', 10))
+    card = publish.render_model_card(twin=twin, architecture=arch, **common)
+    assert '**positional attention** in every block' in card
+    assert '| standard-attention twin | 55.00 | 100.00 | 1 |' in card and '| 70.00 |' in card
+    assert '- cifar10' in card  # Hub dataset id in the metadata
+    twin_card = publish.render_model_card(twin=None, architecture=dict(arch, positional_blocks=[]), **common)
+    assert '**standard attention** in every block' in twin_card and 'itself the standard-attention twin' in twin_card

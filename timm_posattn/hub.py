@@ -21,7 +21,7 @@ from timm.models._hub import HF_SAFE_WEIGHTS_NAME, hf_split
 
 __all__ = [
     'WEIGHTS_NAME', 'WeightsFileError', 'UnknownArchitectureError', 'sha256_file', 'validate_safetensors',
-    'read_model_config', 'load_model',
+    'read_model_config', 'require_registered', 'load_model',
 ]
 
 WEIGHTS_NAME = HF_SAFE_WEIGHTS_NAME  # 'model.safetensors', the file timm looks for first
@@ -133,7 +133,7 @@ def read_model_config(folder: Union[str, Path]) -> Dict[str, Any]:
     return cfg
 
 
-def _require_registered(architecture: str, origin: str) -> None:
+def require_registered(architecture: str, origin: str) -> None:
     """Raise an error that tells the user which import registers ``architecture``."""
     if is_model(architecture):
         return
@@ -185,7 +185,7 @@ def _check_hub_weights(hub_id: str, expected_sha256: Optional[str], cache_dir, f
 
 def _check_local_dir(folder: str) -> None:
     cfg = read_model_config(folder)
-    _require_registered(cfg['architecture'], f'{folder}/config.json')
+    require_registered(cfg['architecture'], f'{folder}/config.json')
     weights = Path(folder) / WEIGHTS_NAME
     if weights.exists():
         validate_safetensors(weights, _recorded_sha256(cfg))
@@ -196,13 +196,13 @@ def _check_hf_hub(hub_id: str, cache_dir) -> None:
     if cfg_file is None:
         raise FileNotFoundError(f'Hugging Face repo {hub_id!r} has no config.json; it is not a timm model repo.')
     cfg = read_model_config(Path(cfg_file).parent)
-    _require_registered(cfg['architecture'], f'hf-hub:{hub_id} config.json')
+    require_registered(cfg['architecture'], f'hf-hub:{hub_id} config.json')
     _check_hub_weights(hub_id, _recorded_sha256(cfg), cache_dir)
 
 
 def _check_registered_name(name: str, pretrained: bool, kwargs: Dict[str, Any]) -> None:
     architecture, tag = split_model_name_tag(name)
-    _require_registered(architecture, f'model name {name!r}')
+    require_registered(architecture, f'model name {name!r}')
     if not pretrained:
         return
     cfg = resolve_pretrained_cfg(architecture, kwargs.get('pretrained_cfg') or tag or None,
@@ -222,8 +222,10 @@ def _check_registered_name(name: str, pretrained: bool, kwargs: Dict[str, Any]) 
 def _with_source(name_or_path: Union[str, Path]) -> Tuple[Optional[str], str]:
     """Accept a bare folder path as well as timm's ``local-dir:`` / ``hf-hub:`` names."""
     name = str(name_or_path)
-    if isinstance(name_or_path, Path) or os.path.isdir(name):
+    if isinstance(name_or_path, Path):
         return 'local-dir', name
+    if os.path.isdir(name) and ':' not in name and not is_model(split_model_name_tag(name)[0]):
+        return 'local-dir', name  # a registered model name wins over a folder of the same name
     return parse_model_name(name)
 
 

@@ -127,6 +127,8 @@ def measure_model(model: torch.nn.Module, input_size: Sequence[int], device: str
     x = torch.randn(batch_size, *input_size, device=device)
     with torch.no_grad():
         bench_model(x)  # warm-up
+        if device.startswith('cuda'):
+            torch.cuda.synchronize()
         iters, start = 0, time.perf_counter()
         while True:
             bench_model(x)
@@ -421,7 +423,10 @@ def _results_table(result: Optional[Dict[str, Any]], stats: Dict[str, Any], inpu
     ])
 
 
-def _comparison(result: Optional[Dict[str, Any]], twin: Optional[Dict[str, Any]]) -> str:
+def _comparison(result: Optional[Dict[str, Any]], twin: Optional[Dict[str, Any]], standard: bool = False) -> str:
+    if standard:
+        return ('This model is itself the standard-attention twin; see the card of the positional-attention model '
+                'trained with the same recipe.')
     if twin is None or result is None:
         return (f'{NOT_MEASURED.capitalize()}: no standard-attention twin (`pos_attn_layers=none`) trained with '
                 f'the same recipe was supplied when this card was written.')
@@ -460,12 +465,22 @@ def render_model_card(template: str, model_name: str, config: Dict[str, Any], in
                           'weights demonstrate the paper\'s mechanism and are not useful as an image classifier.\n')
     weights = 'the EMA weights' if info['weights'] == 'state_dict_ema' else 'the (non-EMA) model weights'
     pos_blocks = architecture.get('positional_blocks')
+    if pos_blocks is None:
+        attention_summary = 'attention (an architecture without positional attention)'
+    elif not pos_blocks:
+        attention_summary = ('**standard attention** in every block: the standard-attention twin '
+                             '(`pos_attn_layers=none`) of the positional-attention models')
+    elif len(pos_blocks) == architecture['depth']:
+        attention_summary = '**positional attention** in every block'
+    else:
+        attention_summary = f'**positional attention** in blocks {pos_blocks} and standard attention in the others'
     values = dict(
         front_matter=_front_matter(model_name, repo_id, dataset, result, config['num_classes'], card_license),
         model_name=model_name,
         architecture=config['architecture'],
         dataset=dataset['phrase'],
         synthetic_note=synthetic_note,
+        attention_summary=attention_summary,
         load_name=load_name,
         num_classes=config['num_classes'],
         input_size='x'.join(str(s) for s in cfg['input_size']),
@@ -482,7 +497,7 @@ def render_model_card(template: str, model_name: str, config: Dict[str, Any], in
         training_args=_training_args(args),
         results_table=_results_table(result, stats, cfg['input_size'], args.get('val_split', 'validation'),
                                      config['num_classes']),
-        comparison=_comparison(result, twin),
+        comparison=_comparison(result, twin, standard=pos_blocks is not None and not pos_blocks),
     )
     return Template(template).substitute(values)
 
@@ -502,7 +517,7 @@ def publish(checkpoint: str, model_name: str, out: str, repo_id: Optional[str] =
     if _is_nonempty_dir(out_path) and not force:
         raise RefusedOverwrite(f'{out_path} is not empty; pass --force to replace it.')
     architecture, tag = split_model_name_tag(model_name)
-    hub._require_registered(architecture, '--model')
+    hub.require_registered(architecture, '--model')
     state_dict, info = load_train_checkpoint(checkpoint, use_ema=use_ema)
     if info['arch'] and split_model_name_tag(info['arch'])[0] != architecture:
         raise ValueError(f"Checkpoint was trained as {info['arch']!r}, not {architecture!r} (--model).")
