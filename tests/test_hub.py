@@ -337,6 +337,8 @@ def test_existing_repo_not_overwritten_without_force(published, fake_hub):
     fake_hub.files = ['README.md', 'config.json', 'model.safetensors']
     with pytest.raises(publish.RefusedOverwrite, match='--force'):
         publish.upload_folder(published[0], REPO_ID)
+    with pytest.raises(publish.RefusedOverwrite, match='--force'):  # refused before any export work
+        publish.publish('no/such/checkpoint.pth.tar', MODEL, str(published[0].parent / 'new'), repo_id=REPO_ID)
     assert fake_hub.calls == []
     publish.upload_folder(published[0], REPO_ID, revision='v2')  # a new branch is not an overwrite
     assert ('create_branch', 'v2') in fake_hub.calls and fake_hub.calls[-1][:3] == ('upload_folder', REPO_ID, 'v2')

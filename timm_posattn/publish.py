@@ -11,11 +11,11 @@ with the source model's logits; only a verified folder is moved into place and, 
 """
 import argparse
 import csv
-import re
 import json
 import logging
 import os
 import platform
+import re
 import shutil
 import tempfile
 import time
@@ -214,27 +214,41 @@ def _move_into_place(tmp: Path, out: Path, force: bool) -> None:
         os.replace(tmp, out)
 
 
+def _hf_api(token: Optional[str] = None):
+    from huggingface_hub import HfApi
+    return HfApi(token=token, library_name='timm_posattn')
+
+
+def check_upload_allowed(repo_id: str, revision: Optional[str] = None, force: bool = False, api=None) -> bool:
+    """Refuse (RefusedOverwrite) when the repo's branch already holds a model and ``force`` is off.
+
+    Returns whether the branch exists.
+    """
+    from huggingface_hub.utils import RevisionNotFoundError
+    api = api or _hf_api()
+    branch = revision or 'main'
+    if not api.repo_exists(repo_id):
+        return False
+    try:
+        existing = set(api.list_repo_files(repo_id, revision=branch))
+    except RevisionNotFoundError:
+        return False
+    clash = sorted(existing.intersection(_HUB_FILES))
+    if clash and not force:
+        raise RefusedOverwrite(
+            f'{repo_id}@{branch} already holds {clash}; pass --force to overwrite it, or --revision NEW_BRANCH.')
+    return True
+
+
 def upload_folder(folder: Path, repo_id: str, revision: Optional[str] = None, force: bool = False,
                   private: bool = False, commit_message: Optional[str] = None, token: Optional[str] = None):
     """Upload a verified folder; refuses when the repo (branch) already holds a model and ``force`` is off.
 
     The token comes from ``token``, else huggingface_hub's usual sources (HF_TOKEN, ``hf auth login``).
     """
-    from huggingface_hub import HfApi
-    from huggingface_hub.utils import RevisionNotFoundError
-    api = HfApi(token=token, library_name='timm_posattn')
+    api = _hf_api(token)
     branch = revision or 'main'
-    branch_exists = False
-    if api.repo_exists(repo_id):
-        try:
-            existing = set(api.list_repo_files(repo_id, revision=branch))
-            branch_exists = True
-        except RevisionNotFoundError:
-            existing = set()
-        clash = sorted(existing.intersection(_HUB_FILES))
-        if clash and not force:
-            raise RefusedOverwrite(
-                f'{repo_id}@{branch} already holds {clash}; pass --force to overwrite it, or --revision NEW_BRANCH.')
+    branch_exists = check_upload_allowed(repo_id, revision, force, api)
     api.create_repo(repo_id, private=private, exist_ok=True)
     if branch != 'main' and not branch_exists:
         api.create_branch(repo_id, branch=branch, exist_ok=True)
@@ -259,9 +273,9 @@ CIFAR100_LABELS = tuple(
     'caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup dinosaur dolphin elephant '
     'flatfish forest fox girl hamster house kangaroo keyboard lamp lawn_mower leopard lion lizard lobster man '
     'maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid otter palm_tree pear pickup_truck pine_tree '
-    'plain plate poppy porcupine possum rabbit raccoon ray road rocket rose sea seal shark shrew skunk skyscraper snail '
-    'snake spider squirrel streetcar sunflower sweet_pepper table tank telephone television tiger tractor train trout '
-    'tulip turtle wardrobe whale willow_tree wolf woman worm'.split())
+    'plain plate poppy porcupine possum rabbit raccoon ray road rocket rose sea seal shark shrew skunk skyscraper '
+    'snail snake spider squirrel streetcar sunflower sweet_pepper table tank telephone television tiger tractor '
+    'train trout tulip turtle wardrobe whale willow_tree wolf woman worm'.split())
 
 # dataset key -> card facts; hub_id is the Hugging Face dataset id for the card metadata (None: not on the Hub)
 DATASETS: Dict[str, Dict[str, Any]] = {
@@ -518,6 +532,8 @@ def publish(checkpoint: str, model_name: str, out: str, repo_id: Optional[str] =
         raise RefusedOverwrite(f'{out_path} is not empty; pass --force to replace it.')
     architecture, tag = split_model_name_tag(model_name)
     hub.require_registered(architecture, '--model')
+    if repo_id:
+        check_upload_allowed(repo_id, revision, force)  # fail before the work, not after it
     state_dict, info = load_train_checkpoint(checkpoint, use_ema=use_ema)
     if info['arch'] and split_model_name_tag(info['arch'])[0] != architecture:
         raise ValueError(f"Checkpoint was trained as {info['arch']!r}, not {architecture!r} (--model).")
@@ -592,7 +608,9 @@ def _parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--checkpoint', required=True, help='train.py checkpoint (.pth.tar)')
-    parser.add_argument('--model', required=True, help='architecture it was trained as, e.g. vit_posattn_small_patch4_32')
+    parser.add_argument('--model', required=True,
+                        help='architecture it was trained as, with the tag to publish, '
+                             'e.g. vit_posattn_small_patch4_32.cifar10')
     parser.add_argument('--out', required=True, help='folder to write (refused if not empty, unless --force)')
     parser.add_argument('--repo-id', default=None, help='upload to this Hugging Face repo (ORG/NAME) after verifying')
     parser.add_argument('--revision', default=None, help='branch to upload to (created if missing); default main')
