@@ -18,6 +18,7 @@ In both cases what the other model of the pair holds is subtracted, so each figu
 Hacked together by the timm_posattn authors, in the style of timm's benchmark.py.
 """
 import argparse
+import copy
 import gc
 import json
 import logging
@@ -38,6 +39,8 @@ import timm
 from timm.layers import LayerScale
 from timm.optim import create_optimizer_v2
 from timm.utils import ParseKwargs
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 
 
@@ -289,6 +292,56 @@ def time_steps(runner: Runner, iters: int) -> float:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# FLOPs: the speed-up that arithmetic alone predicts, to read a measured ratio against
+
+
+class _FlopCounter(TorchDispatchMode):
+    """Sum of torch.utils.flop_counter's formulas (matmuls, convs, attention) over the ops a region runs.
+
+    Like FlopCounterMode but without its module tracker, which rejects no-grad/inference-mode forwards.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        packet = func._overloadpacket
+        if packet not in flop_registry and func is not torch.ops.prim.device.default:
+            with self:
+                out = func.decompose(*args, **kwargs)  # e.g. SDPA -> bmm/softmax, counted below
+            if out is not NotImplemented:
+                return out
+        out = func(*args, **kwargs)
+        if packet in flop_registry:
+            self.flops += flop_registry[packet](*args, **kwargs, out_val=out)
+        return out
+
+
+def step_flops(model: nn.Module, mode: str, batch_size: int) -> int:
+    """FLOPs of one steady-state step (infer: forward; train: forward + backward) on a meta-device copy.
+
+    The meta device runs no arithmetic and picks no device-specific kernel, so the count is the same everywhere.
+    Inference is counted on the second call, after any eval cache is filled, as in the timed repeats.
+    """
+    meta_model = copy.deepcopy(model).to('meta')
+    meta_model.train(mode == 'train')
+    height, width = meta_model.patch_embed.img_size
+    x = torch.empty(batch_size, meta_model.patch_embed.proj.in_channels, height, width, device='meta')
+    counter = _FlopCounter()
+    if mode == 'infer':
+        with torch.inference_mode():
+            meta_model(x)
+            with counter:
+                meta_model(x)
+    else:
+        with counter:
+            meta_model(x).sum().backward()
+    return counter.flops
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Peak memory
 
 
@@ -391,6 +444,7 @@ def benchmark_pair(
 
     rows = []
     for mode in modes:
+        flops = [step_flops(m, mode, batch_size) for m in (model, base_model)]
         runners = [
             make_runner(m, mode, torch_device, DTYPES[dtype], batch_size, seed, compile_model)
             for m in (model, base_model)]
@@ -417,6 +471,9 @@ def benchmark_pair(
             peak_mem_mb=mb[0],
             baseline_peak_mem_mb=mb[1],
             mem_ratio=None if peaks[0] is None else round(peaks[0] / peaks[1], 3),
+            gflops_per_img=round(flops[0] / batch_size / 1e9, 4),
+            baseline_gflops_per_img=round(flops[1] / batch_size / 1e9, 4),
+            flop_ratio=round(flops[1] / flops[0], 3),
             memory_method=memory_method(torch_device) if measure_memory else None,
             num_threads=torch.get_num_threads(),
             baseline_kind=baseline,
@@ -462,17 +519,23 @@ def environment() -> Dict[str, Any]:
 
 
 def markdown_table(rows: Sequence[Dict[str, Any]]) -> str:
-    """Rows as a markdown table; ratios > 1 mean ours is faster, mem ratio < 1 means ours needs less."""
+    """Rows as a markdown table.
+
+    speed ratio > 1: ours is faster; FLOP ratio: the speed ratio arithmetic alone predicts (baseline FLOPs / ours);
+    mem ratio < 1: ours needs less memory.
+    """
     def fmt(v, spec):
         return '-' if v is None else format(v, spec)
     lines = [
-        '| model | baseline | mode | batch | img/s | baseline img/s | speed ratio | peak MB | baseline peak MB | mem ratio |',
-        '|---|---|---|--:|--:|--:|--:|--:|--:|--:|',
+        '| model | baseline | mode | batch | img/s | baseline img/s | speed ratio | FLOP ratio '
+        '| peak MB | baseline peak MB | mem ratio |',
+        '|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|',
     ]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['baseline']} | {r['mode']} | {r['batch_size']} | {fmt(r['img_per_s'], '.1f')} | "
-            f"{fmt(r['baseline_img_per_s'], '.1f')} | {fmt(r['ratio'], '.2f')} | {fmt(r['peak_mem_mb'], '.0f')} | "
+            f"{fmt(r['baseline_img_per_s'], '.1f')} | {fmt(r['ratio'], '.2f')} | {fmt(r.get('flop_ratio'), '.2f')} | "
+            f"{fmt(r['peak_mem_mb'], '.0f')} | "
             f"{fmt(r['baseline_peak_mem_mb'], '.0f')} | {fmt(r['mem_ratio'], '.2f')} |")
     return '\n'.join(lines)
 
@@ -507,9 +570,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--batch-size', '-b', type=int, default=None,
                         help='batch size for every model (default: 32 at 224px, 128 for 32px models)')
     parser.add_argument('--modes', nargs='+', default=list(MODES), choices=MODES, help='infer and/or train')
-    parser.add_argument('--warmup', type=int, default=1, help='untimed steps per model and mode (default: 1)')
+    parser.add_argument('--warmup', type=int, default=None,
+                        help='untimed steps per model and mode (default: 1 on cpu, 5 on cuda; +1 with --compile)')
     parser.add_argument('--repeats', type=int, default=3, help='timed repeats, the median is reported (default: 3)')
-    parser.add_argument('--iters', type=int, default=1, help='steps per timed repeat (default: 1)')
+    parser.add_argument('--iters', type=int, default=None,
+                        help='steps per timed repeat (default: 1 on cpu, 20 on cuda)')
     parser.add_argument('--compile', action='store_true', help='torch.compile both models')
     parser.add_argument('--no-memory', action='store_true', help='skip the peak-memory step')
     parser.add_argument('--num-threads', type=int, default=None, help='torch.set_num_threads (default: torch)')
@@ -532,8 +597,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         raise SystemExit(f'unknown model(s) {unknown}: expected names registered with timm{hint}')
     if args.num_threads is not None:
         torch.set_num_threads(args.num_threads)
-    if args.compile and args.warmup < 2:
-        args.warmup = 2  # the first call compiles, the second may recompile for the new mode
+    # A CPU step takes seconds, a GPU step milliseconds: GPU repeats need many steps to rise above launch jitter.
+    if args.warmup is None:
+        args.warmup = (5 if args.device == 'cuda' else 1) + int(args.compile)  # compiling takes the first call
+    if args.iters is None:
+        args.iters = 20 if args.device == 'cuda' else 1
 
     rows = []
     start = time.perf_counter()

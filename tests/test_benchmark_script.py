@@ -52,6 +52,7 @@ def _check_row(row, mode, batch_size):
     rounding = 0.005 * (1 + row['mem_ratio']) / row['baseline_peak_mem_mb'] + 5e-4
     assert abs(row['mem_ratio'] - row['peak_mem_mb'] / row['baseline_peak_mem_mb']) <= rounding
     assert len(row['seconds_per_repeat']) == row['repeats'] == 1
+    assert row['flop_ratio'] == pytest.approx(row['baseline_gflops_per_img'] / row['gflops_per_img'], rel=1e-2)
     json.dumps(row)  # every value serializable
 
 
@@ -155,8 +156,28 @@ def test_main_rejects_bad_input():
 def test_markdown_table_one_line_per_row():
     row = dict(model='a', baseline='b', mode='infer', batch_size=4, img_per_s=150.0, baseline_img_per_s=100.0,
                ratio=1.5, peak_mem_mb=90.0, baseline_peak_mem_mb=100.0, mem_ratio=0.9)
-    table = throughput.markdown_table([row, dict(row, mode='train', peak_mem_mb=None, mem_ratio=None)])
+    table = throughput.markdown_table([row, dict(row, mode='train', peak_mem_mb=None, mem_ratio=None, flop_ratio=1.2)])
     lines = table.splitlines()
     assert len(lines) == 4
-    assert lines[2] == '| a | b | infer | 4 | 150.0 | 100.0 | 1.50 | 90 | 100 | 0.90 |'
-    assert lines[3].endswith('| 1.50 | - | 100 | - |')
+    assert lines[2] == '| a | b | infer | 4 | 150.0 | 100.0 | 1.50 | - | 90 | 100 | 0.90 |'
+    assert lines[3].endswith('| 1.50 | 1.20 | - | 100 | - |')
+
+
+def test_step_flops_of_timm_vit_match_the_formula():
+    batch, dim, depth, classes, patch = 3, 192, 2, 10, 4
+    tokens = (32 // patch) ** 2 + 1
+    model = timm.create_model('vit_tiny_patch16_224', img_size=32, patch_size=patch, depth=depth, num_heads=12,
+                              mlp_ratio=1.0, num_classes=classes)
+    per_block = 2 * tokens * (3 * dim * dim + dim * dim + 2 * dim * dim) + 2 * 2 * tokens * tokens * dim
+    forward = batch * (2 * (tokens - 1) * dim * 3 * patch * patch + depth * per_block + 2 * dim * classes)
+    assert throughput.step_flops(model, 'infer', batch) == forward  # SDPA decomposed and counted, not skipped
+    train = throughput.step_flops(model, 'train', batch)
+    assert 2.5 * forward < train <= 3 * forward  # backward ~2x forward (no input gradient for the patch conv)
+    assert next(model.parameters()).device.type == 'cpu'  # counted on a meta copy, the model is untouched
+
+
+def test_positional_attention_needs_fewer_flops():
+    model = timm.create_model(TINY, **TINY_KWARGS)
+    baseline, _ = throughput.create_baseline(TINY, model, 'timm', TINY_KWARGS)
+    for mode in ('infer', 'train'):
+        assert throughput.step_flops(model, mode, 4) < throughput.step_flops(baseline, mode, 4)
