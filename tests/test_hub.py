@@ -6,6 +6,7 @@ hf_hub_download reads when offline.
 """
 import csv
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -283,29 +284,46 @@ def test_publish_refuses_non_empty_folder_without_force(run_dir, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
 
 
+def _real_signature(fn):
+    """Calls to the fake must also fit the real HfApi method of the same name."""
+    import huggingface_hub
+    real = inspect.signature(getattr(huggingface_hub.HfApi, fn.__name__))
+
+    def checked(self, *args, **kwargs):
+        real.bind(self, *args, **kwargs)
+        return fn(self, *args, **kwargs)
+    return checked
+
+
 class FakeHfApi:
     """Records what would be sent to the Hub; a repo holding ``files`` exists when files is not None."""
     calls = []
     files = None
 
+    @_real_signature
     def __init__(self, token=None, **kwargs):
         pass
 
+    @_real_signature
     def repo_exists(self, repo_id):
         return self.files is not None
 
+    @_real_signature
     def list_repo_files(self, repo_id, revision=None):
         from huggingface_hub.utils import RevisionNotFoundError
         if revision != 'main':
             raise RevisionNotFoundError(f'no branch {revision}', response=SimpleNamespace(headers={}, request=None))
         return list(self.files)
 
+    @_real_signature
     def create_repo(self, repo_id, **kwargs):
         FakeHfApi.calls.append(('create_repo', repo_id))
 
+    @_real_signature
     def create_branch(self, repo_id, branch, **kwargs):
         FakeHfApi.calls.append(('create_branch', branch))
 
+    @_real_signature
     def upload_folder(self, repo_id, folder_path, revision=None, **kwargs):
         FakeHfApi.calls.append(('upload_folder', repo_id, revision, sorted(os.listdir(folder_path))))
         return type('Commit', (), {'oid': 'c' * 40})()
