@@ -53,6 +53,9 @@ _logger = logging.getLogger(__name__)
 
 PosAttnLayers = Union[str, int, Sequence[int]]
 
+# FX symbolic tracing turns parameters into proxies, so the eval cache (which reads parameter versions) is skipped.
+_is_fx_tracing = getattr(torch.fx._symbolic_trace, 'is_fx_symbolic_tracing', torch.fx._symbolic_trace.is_fx_tracing)
+
 
 def apply_positional_attention(attn: torch.Tensor, v: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Apply per-head attention (H, N, N), shared by the whole batch, to values (B, N, C).
@@ -112,8 +115,7 @@ class PositionalAttention(nn.Module):
         """Attention of every head from the positional table: (N, C) -> (H, N, N), rows sum to 1."""
         N = pos.shape[0]
         q, k = self.qk(self.pos_norm(pos)).reshape(N, 2, self.num_heads, self.head_dim).permute(1, 2, 0, 3).unbind(0)
-        logits = (q * self.scale) @ k.transpose(-2, -1)
-        return logits.float().softmax(dim=-1)
+        return ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
 
     def forward(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         x = apply_positional_attention(self.attn_drop(attn), self.v(x), self.num_heads)
@@ -367,7 +369,7 @@ class VisionTransformerPosAttn(nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
 
-        self._attn_cache: Optional[Tuple[Tuple[Any, ...], List[Optional[torch.Tensor]]]] = None
+        self._attn_cache = None  # (key, attention per block), eval + no-grad only; see _cached_attention
         self.weight_init_mode = 'reset' if weight_init == 'skip' else weight_init
         if weight_init != 'skip':
             self.init_weights(needs_reset=False)
@@ -493,7 +495,7 @@ class VisionTransformerPosAttn(nn.Module):
             return self._compute_attention(self._pos_table(grid_size))
         if (
                 not self.training and not torch.is_grad_enabled()
-                and not torch.compiler.is_compiling() and not torch.fx._symbolic_trace.is_fx_tracing()
+                and not torch.compiler.is_compiling() and not _is_fx_tracing()
         ):
             return self._cached_attention(grid_size)
         self._attn_cache = None  # training changes the parameters: never keep a copy that could go stale
@@ -519,9 +521,7 @@ class VisionTransformerPosAttn(nn.Module):
     def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
         """Patch-embed, add positions, prepend the class token; returns the tokens and the patch grid."""
         torch._assert(x.ndim == 4, 'expected an image batch of shape (B, C, H, W)')
-        torch._assert(
-            x.shape[1] == self.in_chans,
-            f'expected {self.in_chans} input channels, got an input of shape {tuple(x.shape)}')
+        torch._assert(x.shape[1] == self.in_chans, f'expected an input of shape (B, {self.in_chans}, H, W)')
         x = self.patch_embed(x)
         if self.dynamic_img_size:
             B, H, W, C = x.shape

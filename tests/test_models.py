@@ -1,0 +1,404 @@
+"""The model family and the timm contract: every registered name, positional attention itself, and bad input."""
+import logging
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import timm
+from safetensors.torch import save_file
+
+import timm_posattn  # noqa: F401  (registers the models)
+from timm_posattn.vit_posattn import PositionalAttention, PositionalBlock, StandardBlock, apply_positional_attention
+
+FULL_NAMES = [
+    'vit_posattn_tiny_patch16_224', 'vit_posattn_small_patch16_224', 'vit_posattn_base_patch16_224',
+    'vit_posattn_small_patch4_32', 'vit_posattn_tiny_patch4_32',
+]
+SHORT_NAMES = {'vit_posattn_tiny': 'vit_posattn_tiny_patch16_224', 'vit_posattn_small': 'vit_posattn_small_patch16_224',
+               'vit_posattn_base': 'vit_posattn_base_patch16_224'}
+SMALL = 'vit_posattn_tiny_patch4_32'
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def _small(**kwargs):
+    """The quick CPU model, made smaller still where a test only needs the mechanics."""
+    return timm.create_model(SMALL, **{'depth': 3, 'num_classes': 5, **kwargs})
+
+
+def _collect_block_attention(model, x):
+    """The attention matrix each positional block receives during a forward."""
+    seen = []
+    hooks = [
+        blk.register_forward_pre_hook(lambda m, args: seen.append(args[1].detach().clone()))
+        for blk in model.blocks if isinstance(blk, PositionalBlock)]
+    model(x)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def test_list_models_has_every_name():
+    assert set(FULL_NAMES) | set(SHORT_NAMES) == set(timm.list_models('vit_posattn*'))
+
+
+@pytest.mark.parametrize('name', FULL_NAMES)
+def test_every_model_builds_and_trains(name):
+    model = timm.create_model(name)
+    cfg = model.pretrained_cfg
+    x = torch.randn(1, *cfg['input_size'])
+    out = model(x)
+    assert out.shape == (1, model.num_classes)
+    out.logsumexp(dim=1).sum().backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad), 'unused parameters'
+    assert torch.isfinite(model.pos_embed.grad).all() and model.pos_embed.grad.abs().sum() > 0
+
+
+def test_paper_small_image_model_shape():
+    model = timm.create_model('vit_posattn_small_patch4_32')
+    assert len(model.blocks) == 7 and model.embed_dim == 384 and model.pos_attn_indices == list(range(7))
+    assert model.blocks[0].attn.num_heads == 12 and model.blocks[0].mlp.fc1.out_features == 384
+    assert model.patch_embed.grid_size == (8, 8)
+    assert 6.0e6 < sum(p.numel() for p in model.parameters()) < 6.6e6
+
+
+@pytest.mark.parametrize('short', sorted(SHORT_NAMES))
+def test_short_names_build_the_full_variant(short):
+    model, full = timm.create_model(short, device='meta'), timm.create_model(SHORT_NAMES[short], device='meta')
+    assert model.pretrained_cfg['architecture'] == SHORT_NAMES[short]
+    assert [(n, p.shape) for n, p in model.named_parameters()] == [(n, p.shape) for n, p in full.named_parameters()]
+
+
+def test_pretrained_tags_have_data_config():
+    cfg = timm.get_pretrained_cfg('vit_posattn_small_patch4_32.cifar100').to_dict()
+    assert cfg['num_classes'] == 100 and cfg['input_size'] == (3, 32, 32) and cfg['paper_ids'] == 'arXiv:2210.09221'
+    for name in ('vit_posattn_small_patch4_32.svhn', 'vit_posattn_tiny_patch16_224.in1k'):
+        cfg = timm.get_pretrained_cfg(name).to_dict()
+        assert cfg['mean'] and cfg['std'] and cfg['crop_pct'] and cfg['license']
+
+
+def test_attention_is_the_same_for_every_image():
+    model = _small().eval()
+    a = _collect_block_attention(model, torch.randn(2, 3, 32, 32))
+    b = _collect_block_attention(model, torch.randn(3, 3, 32, 32) * 5 + 1)
+    assert len(a) == 3
+    for x, y in zip(a, b):
+        assert x.shape == (12, 65, 65)
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def _naive_positional_attention(attn_module: PositionalAttention, pos, x):
+    """Per-image, per-head reference written straight from the formula, no batching tricks."""
+    H, d = attn_module.num_heads, attn_module.head_dim
+    p = attn_module.pos_norm(pos)
+    wq, wk = attn_module.qk.weight[:H * d], attn_module.qk.weight[H * d:]
+    bq, bk = attn_module.qk.bias[:H * d], attn_module.qk.bias[H * d:]
+    outs = []
+    for b in range(x.shape[0]):
+        v = x[b] @ attn_module.v.weight.T + attn_module.v.bias
+        heads = []
+        for h in range(H):
+            sl = slice(h * d, (h + 1) * d)
+            q = p @ wq[sl].T + bq[sl]
+            k = p @ wk[sl].T + bk[sl]
+            a = torch.softmax(q @ k.T / math.sqrt(d), dim=-1)
+            heads.append(a @ v[:, sl])
+        outs.append(torch.cat(heads, dim=-1) @ attn_module.proj.weight.T + attn_module.proj.bias)
+    return torch.stack(outs)
+
+
+def test_batched_attention_matches_naive_reference():
+    attn = PositionalAttention(48, num_heads=4, qkv_bias=True)
+    for p in attn.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    pos, x = torch.randn(17, 48), torch.randn(5, 17, 48)
+    out = attn(x, attn.attention_matrix(pos))
+    torch.testing.assert_close(out, _naive_positional_attention(attn, pos, x), rtol=0, atol=1e-5)
+
+
+def test_apply_positional_attention_layout():
+    a = torch.softmax(torch.randn(3, 7, 7), dim=-1)
+    v = torch.randn(4, 7, 3 * 5)
+    ref = torch.einsum('hnm,bmhd->bnhd', a, v.view(4, 7, 3, 5)).reshape(4, 7, 15)
+    torch.testing.assert_close(apply_positional_attention(a, v, 3), ref)
+
+
+def test_attention_maps_need_no_image():
+    model = _small(pos_attn_layers=[0, 2])
+    maps = model.get_attention_maps()
+    assert maps.shape == (2, 12, 65, 65)
+    torch.testing.assert_close(maps.sum(-1), torch.ones(2, 12, 65))
+    assert model.get_attention_maps(img_size=48).shape == (2, 12, 145, 145)
+
+
+def test_pos_attn_layers_modes():
+    assert _small().pos_attn_indices == [0, 1, 2]
+    hybrid = _small(pos_attn_layers=2)
+    assert [type(b) for b in hybrid.blocks] == [PositionalBlock, PositionalBlock, StandardBlock]
+    assert _small(pos_attn_layers=[-1]).pos_attn_indices == [2]
+    twin = _small(pos_attn_layers='none')
+    assert all(isinstance(b, StandardBlock) for b in twin.blocks)
+    with pytest.raises(ValueError, match='no positional-attention blocks'):
+        twin.get_attention_maps()
+
+
+def test_standard_twin_is_timm_vit():
+    """pos_attn_layers='none' must differ from timm's ViT in nothing: same weights -> same logits."""
+    vit = timm.create_model('vit_tiny_patch16_224', img_size=32, patch_size=4, depth=2, num_classes=3).eval()
+    twin = timm.create_model('vit_posattn_tiny_patch16_224', img_size=32, patch_size=4, depth=2, num_classes=3,
+                             pos_attn_layers='none').eval()
+    twin.load_state_dict(vit.state_dict(), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), vit(x))
+
+
+def test_model_matches_manual_composition():
+    """The model's forward is exactly patch embed + class token + P, blocks fed the attention from P, norm, head."""
+    model = _small().eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        tokens = model.patch_embed(x)
+        tokens = torch.cat([model.cls_token.expand(2, -1, -1), tokens], dim=1) + model.pos_embed
+        pos = model.pos_embed[0]
+        for blk in model.blocks:
+            h = blk.norm1(tokens)
+            tokens = tokens + _naive_positional_attention(blk.attn, pos, h)
+            tokens = tokens + blk.mlp(blk.norm2(tokens))
+        ref = model.head(model.norm(tokens)[:, 0])
+        torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_eval_cache_is_reused_and_refreshed_after_optimizer_step():
+    model = _small()
+    x = torch.randn(2, 3, 32, 32)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    model.eval()
+    with torch.no_grad():
+        first = model(x)
+        cached = model._attn_cache[1]
+        model(x)
+        assert model._attn_cache[1] is cached, 'eval attention should be reused while nothing changed'
+    model.train()
+    F.cross_entropy(model(x), torch.tensor([0, 1])).backward()
+    opt.step()
+    model.eval()
+    with torch.no_grad():
+        after = model(x)
+        fresh = torch.stack([a for a in model._compute_attention(model.pos_embed[0]) if a is not None])
+        used = torch.stack([a for a in model._attn_cache[1] if a is not None])
+    torch.testing.assert_close(used, fresh, rtol=0, atol=0)
+    assert not torch.allclose(first, after)
+
+
+def test_eval_cache_refreshed_after_step_without_leaving_eval():
+    """An optimizer step made while the model stays in eval mode (e.g. test-time tuning) still invalidates A."""
+    model = _small().eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        model(x)
+        old = model._attn_cache[1][0].clone()
+    opt = torch.optim.SGD([model.blocks[0].attn.qk.weight], lr=10.0)
+    model(x).sum().backward()  # grad enabled: the cache is not used here
+    opt.step()
+    with torch.no_grad():
+        model(x)
+    new = model._attn_cache[1][0]
+    assert not torch.allclose(old, new)
+    torch.testing.assert_close(new, model.blocks[0].attn.attention_matrix(model.pos_embed[0]))
+
+
+def test_eval_cache_refreshed_after_load_state_dict_and_dtype_change():
+    model, other = _small().eval(), _small().eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        model(x)
+        model.load_state_dict(other.state_dict())
+        torch.testing.assert_close(model(x), other(x), rtol=0, atol=0)
+        model.to(torch.float64)
+        out = model(x.double())
+    assert out.dtype == torch.float64 and model._attn_cache[1][0].dtype == torch.float64
+
+
+def test_features_only_and_intermediates():
+    model = _small()
+    x = torch.randn(2, 3, 32, 32)
+    feats = timm.create_model(SMALL, depth=3, features_only=True, out_indices=(0, 2))(x)
+    assert [f.shape for f in feats] == [(2, 192, 8, 8)] * 2
+    final, inter = model.forward_intermediates(x, indices=[1, 2], norm=True, output_fmt='NLC')
+    assert final.shape == (2, 65, 192) and [t.shape for t in inter] == [(2, 64, 192)] * 2
+    only = model.forward_intermediates(x, indices=1, intermediates_only=True, stop_early=True)
+    assert len(only) == 1 and only[0].shape == (2, 192, 8, 8)
+    with_prefix = model.forward_intermediates(x, indices=1, return_prefix_tokens=True, intermediates_only=True)
+    assert with_prefix[0][1].shape == (2, 1, 192)
+    torch.testing.assert_close(inter[1], model.forward_features(x)[:, 1:])  # last block, normed = features
+    kept = model.prune_intermediate_layers(indices=[1])
+    assert kept == [1] and len(model.blocks) == 2 and model.pos_attn_indices == [0, 1]
+    assert model.forward_intermediates(x, indices=[1], intermediates_only=True)[0].shape == (2, 192, 8, 8)
+
+
+def test_head_api():
+    model = _small(global_pool='avg')
+    x = torch.randn(2, 3, 32, 32)
+    assert model.forward_head(model.forward_features(x), pre_logits=True).shape == (2, model.num_features)
+    assert model.get_classifier().out_features == 5
+    model.reset_classifier(7)
+    assert model(x).shape == (2, 7)
+    model.reset_classifier(0)
+    assert model(x).shape == (2, 192)
+
+
+def test_torchscript_and_fx():
+    from torchvision.models.feature_extraction import create_feature_extractor
+    model = _small(pos_attn_layers=2).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+        scripted = torch.jit.script(model)
+        torch.testing.assert_close(scripted(x), ref)
+        extractor = create_feature_extractor(model, return_nodes={'blocks.1': 'mid', 'head': 'logits'})
+        out = extractor(x)
+    torch.testing.assert_close(out['logits'], ref)
+    assert out['mid'].shape == (2, 65, 192)
+
+
+def test_torch_compile_fullgraph_trains():
+    """No graph breaks in training (aot_eager checks dynamo + autograd tracing without paying for codegen)."""
+    model = _small(depth=2)
+    x = torch.randn(2, 3, 32, 32)
+    compiled = torch.compile(model, backend='aot_eager', fullgraph=True)
+    out = compiled(x)
+    torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    assert model.blocks[0].attn.qk.weight.grad is not None
+
+
+def test_grad_checkpointing_same_result():
+    model = _small(drop_path_rate=0.)
+    x = torch.randn(2, 3, 32, 32)
+    ref = model(x)
+    model.set_grad_checkpointing(True)
+    out = model(x)
+    torch.testing.assert_close(out, ref)
+    out.sum().backward()
+    assert model.blocks[0].attn.qk.weight.grad is not None
+
+
+def test_layer_decay_and_no_weight_decay():
+    from timm.optim import create_optimizer_v2
+    model = _small()
+    opt = create_optimizer_v2(model, 'adamw', lr=1e-3, weight_decay=0.05, layer_decay=0.75)
+    scales = {g['lr_scale'] for g in opt.param_groups}
+    assert len(scales) == 5  # stem, 3 blocks, head/norm
+    no_decay = [g for g in opt.param_groups if g['weight_decay'] == 0]
+    names = {n for n, p in model.named_parameters() for g in no_decay if any(p is q for q in g['params'])}
+    assert {'pos_embed', 'cls_token'} <= names
+
+
+def test_meta_device_builds_without_allocating():
+    model = timm.create_model('vit_posattn_base_patch16_224', device='meta')
+    assert all(p.device.type == 'meta' for p in model.parameters())
+
+
+def test_img_size_override_and_dynamic_size():
+    model = timm.create_model(SMALL, img_size=48, depth=2).eval()
+    assert model.pos_embed.shape[1] == 1 + 12 * 12 and model(torch.randn(1, 3, 48, 48)).shape == (1, 10)
+    dyn = timm.create_model(SMALL, dynamic_img_size=True, depth=2).eval()
+    with torch.no_grad():
+        out = dyn(torch.randn(1, 3, 48, 40))
+        maps = dyn._attn_cache[1][0]
+    assert out.shape == (1, 10) and maps.shape == (12, 1 + 12 * 10, 1 + 12 * 10)
+    with torch.no_grad():
+        dyn(torch.randn(1, 3, 32, 32))
+    assert dyn._attn_cache[1][0].shape == (12, 65, 65), 'attention must be recomputed for the new grid'
+    dyn.set_input_size(img_size=(40, 40))
+    assert dyn.pos_embed.shape[1] == 101
+
+
+def _save(state_dict, path):
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(path))
+    return str(path)
+
+
+def test_own_checkpoint_other_resolution_and_classes(tmp_path):
+    src = _small()
+    path = _save(src.state_dict(), tmp_path / 'model.safetensors')
+    model = timm.create_model(SMALL, depth=3, img_size=48, num_classes=3, pretrained=True,
+                              pretrained_cfg_overlay=dict(file=path))
+    assert model.pos_embed.shape[1] == 145 and model.head.out_features == 3
+    torch.testing.assert_close(model.blocks[1].attn.qk.weight, src.blocks[1].attn.qk.weight)
+    same = timm.create_model(SMALL, depth=3, num_classes=5, pretrained=True,
+                             pretrained_cfg_overlay=dict(file=path, num_classes=5))
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(same.eval()(x), src.eval()(x))
+
+
+def test_standard_vit_checkpoint_initializes_positional_model(tmp_path, caplog):
+    vit = timm.create_model('vit_tiny_patch16_224')
+    path = _save(vit.state_dict(), tmp_path / 'vit_tiny.safetensors')
+    with caplog.at_level(logging.INFO, logger='timm_posattn.vit_posattn'):
+        model = timm.create_model('vit_posattn_tiny_patch16_224', pretrained=True,
+                                  pretrained_cfg_overlay=dict(file=path))
+    blk, ref = model.blocks[3], vit.blocks[3]
+    torch.testing.assert_close(blk.attn.v.weight, ref.attn.qkv.weight[2 * 192:])
+    torch.testing.assert_close(blk.attn.v.bias, ref.attn.qkv.bias[2 * 192:])
+    torch.testing.assert_close(blk.attn.proj.weight, ref.attn.proj.weight)
+    torch.testing.assert_close(blk.mlp.fc2.weight, ref.mlp.fc2.weight)
+    torch.testing.assert_close(model.patch_embed.proj.weight, vit.patch_embed.proj.weight)
+    torch.testing.assert_close(model.head.weight, vit.head.weight)
+    assert 'Freshly initialized' in caplog.text and 'blocks.3.attn.qk.weight' in caplog.text
+    # and the other way round: a positional checkpoint into the standard twin keeps values and projections
+    twin = timm.create_model('vit_posattn_tiny_patch16_224', pos_attn_layers='none', pretrained=True,
+                             pretrained_cfg_overlay=dict(file=_save(model.state_dict(), tmp_path / 'pos.safetensors')))
+    torch.testing.assert_close(twin.blocks[3].attn.qkv.weight[2 * 192:], blk.attn.v.weight)
+
+
+def test_wrong_channel_count_is_named():
+    model = _small()
+    with pytest.raises(Exception, match=r'expected an input of shape \(B, 3, H, W\)'):
+        model(torch.randn(1, 1, 32, 32))
+
+
+def test_wrong_image_size_is_named():
+    model = _small()
+    with pytest.raises(AssertionError, match=r"Input height \(64\) doesn't match model \(32\)"):
+        model(torch.randn(1, 3, 64, 64))
+    dyn = _small(dynamic_img_size=True)
+    with pytest.raises(AssertionError, match='should be divisible by patch size'):
+        dyn(torch.randn(1, 3, 30, 32))
+
+
+def test_unknown_kwargs_are_named():
+    with pytest.raises(TypeError, match=r"Unknown model kwargs \['embed_dims'\].*accepted: .*'embed_dim'"):
+        timm.create_model(SMALL, embed_dims=64)
+    with pytest.raises(ValueError, match="pos_attn_layers must be 'all', 'none'"):
+        timm.create_model(SMALL, pos_attn_layers='first')
+    with pytest.raises(ValueError, match='outside 0..6'):
+        timm.create_model(SMALL, pos_attn_layers=[9])
+
+
+def test_checkpoint_of_another_architecture_is_refused(tmp_path):
+    resnet = timm.create_model('resnet18', num_classes=10)
+    path = _save(resnet.state_dict(), tmp_path / 'resnet.safetensors')
+    with pytest.raises(ValueError, match='not a ViT checkpoint.*expected keys'):
+        timm.create_model(SMALL, pretrained=True, pretrained_cfg_overlay=dict(file=path))
+    wide = _save(timm.create_model('vit_posattn_small_patch4_32').state_dict(), tmp_path / 'wide.safetensors')
+    with pytest.raises(ValueError, match='checkpoint has width 384, this model has embed_dim=192'):
+        timm.create_model(SMALL, pretrained=True, pretrained_cfg_overlay=dict(file=wide))
+    shallow = _save(_small().state_dict(), tmp_path / 'shallow.safetensors')
+    with pytest.raises(ValueError, match='checkpoint has 3 blocks, this model has depth=7'):
+        timm.create_model(SMALL, pretrained=True, pretrained_cfg_overlay=dict(file=shallow))
+
+
+def test_partial_checkpoint_is_not_loaded_silently(tmp_path):
+    sd = _small().state_dict()
+    del sd['blocks.1.mlp.fc1.weight']
+    path = _save(sd, tmp_path / 'partial.safetensors')
+    with pytest.raises(RuntimeError, match='Missing key.*blocks.1.mlp.fc1.weight'):
+        timm.create_model(SMALL, depth=3, num_classes=5, pretrained=True,
+                          pretrained_cfg_overlay=dict(file=path, num_classes=5))
