@@ -101,8 +101,8 @@ group.add_argument('--mean', type=float, nargs='+', default=None, metavar='MEAN'
 group.add_argument('--std', type=float, nargs='+', default=None, metavar='STD', help='override dataset std')
 group.add_argument('--interpolation', default='', type=str, metavar='NAME',
                    help='image resize interpolation type (overrides model)')
-group.add_argument('-b', '--batch-size', type=int, default=128, metavar='N',
-                   help='input batch size per process (default: 128)')
+group.add_argument('-b', '--batch-size', type=int, default=64, metavar='N',
+                   help='input batch size per process (default: 64)')
 group.add_argument('-vb', '--validation-batch-size', type=int, default=None, metavar='N',
                    help='validation batch size override (default: None)')
 group.add_argument('--channels-last', action='store_true', default=False, help='use channels_last memory layout')
@@ -147,8 +147,8 @@ group.add_argument('--lr', type=float, default=None, metavar='LR',
                    help='learning rate, overrides lr-base if set (default: None)')
 group.add_argument('--lr-base', type=float, default=1e-3, metavar='LR',
                    help='base learning rate: lr = lr_base * global_batch_size / lr_base_size (default: 1e-3)')
-group.add_argument('--lr-base-size', type=int, default=128, metavar='DIV',
-                   help='base learning rate batch size (divisor, default: 128)')
+group.add_argument('--lr-base-size', type=int, default=64, metavar='DIV',
+                   help='base learning rate batch size (divisor, default: 64)')
 group.add_argument('--lr-base-scale', type=str, default='', metavar='SCALE',
                    help='base learning rate vs batch_size scaling ("linear", "sqrt", based on opt if empty)')
 group.add_argument('--lr-noise', type=float, nargs='+', default=None, metavar='pct, pct',
@@ -158,7 +158,7 @@ group.add_argument('--lr-cycle-limit', type=int, default=1, metavar='N',
 group.add_argument('--warmup-lr', type=float, default=1e-5, metavar='LR', help='warmup learning rate (default: 1e-5)')
 group.add_argument('--min-lr', type=float, default=1e-5, metavar='LR',
                    help='lower lr bound for cyclic schedulers that hit 0 (default: 1e-5)')
-group.add_argument('--epochs', type=int, default=8, metavar='N', help='number of epochs to train (default: 8)')
+group.add_argument('--epochs', type=int, default=2, metavar='N', help='number of epochs to train (default: 2)')
 group.add_argument('--start-epoch', default=None, type=int, metavar='N',
                    help='manual epoch number (useful on restarts)')
 group.add_argument('--decay-milestones', default=[90, 180, 270], type=int, nargs='+', metavar='MILESTONES',
@@ -175,7 +175,7 @@ group.add_argument('--patience-epochs', type=int, default=10, metavar='N',
 group.add_argument('--decay-rate', '--dr', type=float, default=0.1, metavar='RATE', help='LR decay rate (default: 0.1)')
 
 group = parser.add_argument_group('Augmentation and regularization parameters')
-group.add_argument('--no-aug', action=argparse.BooleanOptionalAction, default=None,
+group.add_argument('--no-aug', action='store_const', const=True, default=None,
                    help='disable all training augmentation (default: on for structured, whose labels depend on '
                         'exact patch positions; off otherwise)')
 group.add_argument('--train-crop-mode', type=str, default=None, help='crop-mode in train ("rrc", "rkrc", "rkrr")')
@@ -392,14 +392,19 @@ def trim_summary(filename: str, start_epoch: int) -> None:
     atomic_write_text(filename, '\n'.join(keep) + '\n' if len(keep) > 1 else '')
 
 
-def resolve_output_dir(args: argparse.Namespace, input_size: int) -> str:
-    """The experiment folder; refuses one that already holds files unless resuming into it or --overwrite."""
+def resolve_output_dir(args: argparse.Namespace) -> str:
+    """The experiment folder; refuses one that already holds files unless resuming into it or --overwrite.
+
+    Checked before anything is built, so a refused run costs nothing.
+    """
     if args.experiment:
         output_dir = os.path.join(args.output or './output/train', args.experiment)
     elif args.resume and not args.output:
         output_dir = os.path.dirname(os.path.abspath(args.resume))  # continue where the checkpoint lives
     else:
-        exp_name = '-'.join([datetime.now().strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model), str(input_size)])
+        size = args.input_size[-1] if args.input_size else args.img_size
+        parts = [datetime.now().strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model)] + ([str(size)] if size else [])
+        exp_name = '-'.join(parts)
         output_dir = os.path.join(args.output or './output/train', exp_name)
     if os.path.isdir(output_dir) and os.listdir(output_dir) and not (args.resume or args.overwrite):
         raise UsageError(f"experiment folder '{output_dir}' already exists; pass --resume CHECKPOINT to continue it, "
@@ -549,11 +554,12 @@ def validate(
     return OrderedDict([('loss', losses_m.avg), ('top1', top1_m.avg), ('top5', top5_m.avg)])
 
 
-def report_attention(model: nn.Module, dataset, output_dir: str, args: argparse.Namespace) -> None:
+def report_attention(model: nn.Module, dataset, output_dir: str, args: argparse.Namespace) -> Optional[Dict]:
     """Print the patch-association score (structured data) and save the positional attention plot."""
     if not hasattr(model, 'get_attention_maps') or not getattr(model, 'pos_attn_indices', None):
         _logger.info('Model has no positional-attention blocks: no attention plot or association score.')
-        return
+        return None
+    assoc = None
     partition = getattr(dataset, 'partition', None)
     if partition is not None:
         from timm_posattn.association import model_association
@@ -566,12 +572,16 @@ def report_attention(model: nn.Module, dataset, output_dir: str, args: argparse.
             from timm_posattn.visualize import save_attention_plot
         except ImportError:
             _logger.warning('timm_posattn.visualize is not available: no attention plot saved.')
-            return
+            return assoc
         path = os.path.join(output_dir, 'attention.png')
         tmp = os.path.join(output_dir, '.attention.partial.png')
         save_attention_plot(model, tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # an ordinary file for the user, whatever temp mode the plotter used
         os.replace(tmp, path)
         print(f'Attention plot: {path}', flush=True)
+    return assoc
 
 
 def create_datasets(args: argparse.Namespace):
@@ -688,11 +698,14 @@ def build_model(args: argparse.Namespace) -> nn.Module:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Train and evaluate; returns the final eval metrics and the output folder."""
-    utils.setup_default_logging()
+    if not logging.root.handlers:
+        utils.setup_default_logging()
     args, _ = parse_args(argv)
     for module in args.device_modules or []:
         importlib.import_module(module)
     resolve_defaults(args)
+    # every rank checks the folder so all stop together; only rank 0 writes into it
+    output_dir = resolve_output_dir(args)
 
     device = utils.init_distributed_device(args)
     if not utils.is_primary(args):
@@ -713,8 +726,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if utils.is_primary(args):
         _logger.info(f'Model {args.model} created, param count: {sum(p.numel() for p in model.parameters())}')
     data_config = resolve_data_config(vars(args), model=model, verbose=utils.is_primary(args))
-    # every rank checks the folder so all stop together; only rank 0 writes into it
-    output_dir = resolve_output_dir(args, data_config['input_size'][-1])
 
     model.to(device=device)
     if args.channels_last:
@@ -837,7 +848,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         if saver is not None and saver.best_metric is not None:
             print(f'Best {eval_metric}: {saver.best_metric:.4f} (epoch {saver.best_epoch})', flush=True)
         final_model = model_ema.module if model_ema is not None else model
-        report_attention(final_model, dataset_train, output_dir, args)
+        result['association'] = report_attention(final_model, dataset_train, output_dir, args)
     return result
 
 

@@ -42,33 +42,35 @@ def read_summary(path):
 def structured_run(tmp_path_factory):
     """One epoch on `structured` with EMA, then --resume to a second epoch (the resume test reads both states)."""
     out = tmp_path_factory.mktemp('out')
-    first = train.run(['--output', str(out), '--experiment', 'exp', '--epochs', '1', '--model-ema',
-                       '--model-ema-decay', '0.9', *STRUCTURED_TINY, *TINY])
-    assert first == 0
+    first = train.main(['--output', str(out), '--experiment', 'exp', '--epochs', '1', '--model-ema',
+                        '--model-ema-decay', '0.9', *STRUCTURED_TINY, *TINY])
+    assert first['eval'] is not None
     exp = out / 'exp'
     first_ckpt = torch.load(exp / 'last.pth.tar', map_location='cpu', weights_only=True)
     first_summary = read_summary(exp / 'summary.csv')
-    second = train.run(['--resume', str(exp / 'last.pth.tar'), '--epochs', '2', '--model-ema', '--model-ema-decay', '0.9',
-                        *STRUCTURED_TINY, *TINY])
-    assert second == 0
-    return exp, first_ckpt, first_summary
+    second = train.main(['--resume', str(exp / 'last.pth.tar'), '--epochs', '2', '--model-ema',
+                         '--model-ema-decay', '0.9', *STRUCTURED_TINY, *TINY])
+    assert second['output_dir'] == str(exp)
+    return exp, first_ckpt, first_summary, second
 
 
 def test_structured_run_learns_and_writes_outputs(structured_run):
-    exp, first_ckpt, first_summary = structured_run
-    for name in ('args.yaml', 'summary.csv', 'last.pth.tar', 'model_best.pth.tar'):
+    exp, first_ckpt, first_summary, _ = structured_run
+    for name in ('args.yaml', 'summary.csv', 'last.pth.tar', 'model_best.pth.tar', 'attention.png'):
         assert (exp / name).is_file(), name
     assert not list(exp.glob('*.partial')) and not list(exp.glob('*.tmp'))
     rows = read_summary(exp / 'summary.csv')
     assert [int(r['epoch']) for r in rows] == [0, 1]
     assert {'train_loss', 'eval_loss', 'eval_top1', 'eval_top5', 'lr'} <= set(rows[0])
     assert float(rows[-1]['eval_top1']) > 65.0, rows  # two balanced classes: chance is 50%
+    assoc = structured_run[3]['association']
+    assert 0.0 <= assoc['association'] <= 1.0 and assoc['chance'] == pytest.approx(1 / 8)
     args = yaml.safe_load((exp / 'args.yaml').read_text())
     assert args['dataset'] == 'structured' and args['model'] == 'vit_posattn_tiny_patch4_32'
 
 
 def test_checkpoints_load_weights_only(structured_run):
-    exp, _, _ = structured_run
+    exp, _, _, _ = structured_run
     for name in ('last.pth.tar', 'model_best.pth.tar'):
         ckpt = torch.load(exp / name, map_location='cpu', weights_only=True)  # raises on pickled objects
         assert isinstance(ckpt['args'], dict) and ckpt['args']['model_kwargs']['depth'] == 1
@@ -76,7 +78,7 @@ def test_checkpoints_load_weights_only(structured_run):
 
 
 def test_resume_continues_epoch_and_optimizer(structured_run):
-    exp, first_ckpt, first_summary = structured_run
+    exp, first_ckpt, first_summary, _ = structured_run
     last = torch.load(exp / 'last.pth.tar', map_location='cpu', weights_only=True)
     assert first_ckpt['epoch'] == 0 and last['epoch'] == 1
     # AdamW's step counter continues from the first run instead of restarting
@@ -92,7 +94,7 @@ def test_resume_continues_epoch_and_optimizer(structured_run):
 
 
 def test_existing_experiment_is_not_overwritten(structured_run, capsys):
-    exp, _, _ = structured_run
+    exp, _, _, _ = structured_run
     before = (exp / 'last.pth.tar').stat().st_mtime_ns
     code, out, err = run_train(capsys, '--output', exp.parent, '--experiment', exp.name, '--epochs', '1',
                                *STRUCTURED_TINY, *TINY)
@@ -101,7 +103,7 @@ def test_existing_experiment_is_not_overwritten(structured_run, capsys):
 
 
 def test_validate_checkpoint_on_structured(structured_run, capsys):
-    exp, _, _ = structured_run
+    exp, _, _, _ = structured_run
     code = validate.main(['--checkpoint', str(exp / 'model_best.pth.tar'), '--num-samples', '128', '-j', '0',
                           '--results-file', str(exp / 'eval.json')])
     out, err = capsys.readouterr()
@@ -234,6 +236,7 @@ def test_torchrun_two_processes_gloo(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count('Final top-1') == 1  # only rank 0 reports
+    assert proc.stdout.count('Patch association') == 1
     assert 'Distributed training: 2 processes' in proc.stderr + proc.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ['ddp']
     rows = read_summary(tmp_path / 'ddp' / 'summary.csv')
