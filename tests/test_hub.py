@@ -455,7 +455,7 @@ def test_dataset_facts_for_the_card():
 
 def test_card_names_the_attention_and_compares_with_the_twin(published):
     out, _ = published
-    config = json.loads((out / 'config.json').read_text())
+    config = dict(json.loads((out / 'config.json').read_text()), num_classes=10)  # as if trained on CIFAR-10
     rows = [dict(epoch=0.0, eval_top1=60.0, eval_top5=100.0), dict(epoch=1.0, eval_top1=70.0, eval_top5=100.0)]
     twin_rows = [dict(epoch=0.0, eval_top1=65.0, eval_top5=100.0), dict(epoch=1.0, eval_top1=55.0, eval_top5=100.0)]
     result = publish.select_result(rows, 1)
@@ -470,5 +470,10 @@ def test_card_names_the_attention_and_compares_with_the_twin(published):
     assert '**positional attention** in every block' in card
     assert '| standard-attention twin | 55.00 | 100.00 | 1 |' in card and '| 70.00 |' in card
     assert '- cifar10' in card  # Hub dataset id in the metadata
+    meta, _ = _front_matter(card)
+    assert [m['value'] for m in meta['model-index'][0]['results'][0]['metrics']] == [70.0, 100.0]  # top-5: 10 classes
+    two_class = publish.render_model_card(twin=twin, architecture=arch,
+                                          **dict(common, config=dict(config, num_classes=2)))
+    assert '| standard-attention twin | 55.00 | n/a | 1 |' in two_class
     twin_card = publish.render_model_card(twin=None, architecture=dict(arch, positional_blocks=[]), **common)
     assert '**standard attention** in every block' in twin_card and 'itself the standard-attention twin' in twin_card

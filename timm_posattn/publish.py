@@ -437,7 +437,8 @@ def _results_table(result: Optional[Dict[str, Any]], stats: Dict[str, Any], inpu
     ])
 
 
-def _comparison(result: Optional[Dict[str, Any]], twin: Optional[Dict[str, Any]], standard: bool = False) -> str:
+def _comparison(result: Optional[Dict[str, Any]], twin: Optional[Dict[str, Any]], num_classes: int,
+                standard: bool = False) -> str:
     if standard:
         return ('This model is itself the standard-attention twin; see the card of the positional-attention model '
                 'trained with the same recipe.')
@@ -446,7 +447,8 @@ def _comparison(result: Optional[Dict[str, Any]], twin: Optional[Dict[str, Any]]
                 f'the same recipe was supplied when this card was written.')
     rows = ['| Model | Top-1 (%) | Top-5 (%) | Epoch |', '|---|---|---|---|']
     for label, r in (('this model (positional attention)', result), ('standard-attention twin', twin)):
-        rows.append(f"| {label} | {_fmt(r.get('eval_top1'))} | {_fmt(r.get('eval_top5'))} | {int(r['epoch'])} |")
+        top5 = _fmt(r.get('eval_top5')) if num_classes > 5 else 'n/a'
+        rows.append(f"| {label} | {_fmt(r.get('eval_top1'))} | {top5} | {int(r['epoch'])} |")
     return ('Same train.py recipe with `--model-kwargs pos_attn_layers=none` (ordinary attention in every block), '
             f"{twin['selection']} epoch of each run as logged in its summary.csv:\n\n" + '\n'.join(rows))
 
@@ -511,7 +513,7 @@ def render_model_card(template: str, model_name: str, config: Dict[str, Any], in
         training_args=_training_args(args),
         results_table=_results_table(result, stats, cfg['input_size'], args.get('val_split', 'validation'),
                                      config['num_classes']),
-        comparison=_comparison(result, twin, standard=pos_blocks is not None and not pos_blocks),
+        comparison=_comparison(result, twin, config['num_classes'], standard=pos_blocks is not None and not pos_blocks),
     )
     return Template(template).substitute(values)
 
@@ -605,7 +607,7 @@ def _package_version() -> str:
 
 
 def _parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+    parser = argparse.ArgumentParser(prog='python -m timm_posattn.publish', description=__doc__.split('\n\n')[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--checkpoint', required=True, help='train.py checkpoint (.pth.tar)')
     parser.add_argument('--model', required=True,
