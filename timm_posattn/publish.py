@@ -11,6 +11,7 @@ with the source model's logits; only a verified folder is moved into place and, 
 """
 import argparse
 import csv
+import inspect
 import json
 import logging
 import os
@@ -35,6 +36,7 @@ _logger = logging.getLogger('timm_posattn.publish')
 # train.py arguments that shape the model (passed to timm.create_model) and the preprocessing (config.json)
 _MODEL_ARG_KEYS = ('num_classes', 'in_chans', 'img_size')
 _DATA_ARG_KEYS = ('input_size', 'img_size', 'in_chans', 'mean', 'std', 'crop_pct', 'crop_mode', 'interpolation')
+_CFG_DATA_KEYS = ('input_size', 'mean', 'std', 'crop_pct', 'crop_mode', 'interpolation')
 _HUB_FILES = ('config.json', hub.WEIGHTS_NAME, 'pytorch_model.bin')
 
 
@@ -159,8 +161,15 @@ def _describe_device(device: str) -> str:
 
 def export_folder(model: torch.nn.Module, folder: Path, data_config: Dict[str, Any],
                   model_config: Dict[str, Any]) -> None:
-    """Write timm's Hub format (model.safetensors + config.json) into ``folder``."""
-    save_for_hf(model, folder, model_config=model_config, data_config=data_config, safe_serialization=True)
+    """Write timm's Hub format (model.safetensors + config.json) into ``folder``.
+
+    The preprocessing also goes in as pretrained_cfg overrides, so timm versions whose save_for_hf has no
+    ``data_config`` argument still record it.
+    """
+    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in data_config.items() if k in _CFG_DATA_KEYS}
+    model_config = dict(model_config, pretrained_cfg={**overrides, **model_config.get('pretrained_cfg', {})})
+    extra = {'data_config': data_config} if 'data_config' in inspect.signature(save_for_hf).parameters else {}
+    save_for_hf(model, folder, model_config=model_config, safe_serialization=True, **extra)
 
 
 def verify_folder(folder: Path, source: torch.nn.Module, atol: float = 1e-5, seed: int = 0) -> float:
