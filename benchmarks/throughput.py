@@ -468,6 +468,7 @@ def benchmark_pair(
             img_per_s=round(img_per_s[0], 2),
             baseline_img_per_s=round(img_per_s[1], 2),
             ratio=round(img_per_s[0] / img_per_s[1], 3),
+            paired_ratios=[round(b / a, 3) for a, b in zip(*seconds)],
             peak_mem_mb=mb[0],
             baseline_peak_mem_mb=mb[1],
             mem_ratio=None if peaks[0] is None else round(peaks[0] / peaks[1], 3),
@@ -478,8 +479,8 @@ def benchmark_pair(
             num_threads=torch.get_num_threads(),
             baseline_kind=baseline,
             compile=compile_model,
-            seconds_per_repeat=[round(s, 4) for s in seconds[0]],
-            baseline_seconds_per_repeat=[round(s, 4) for s in seconds[1]],
+            seconds_per_repeat=[round(s, 6) for s in seconds[0]],
+            baseline_seconds_per_repeat=[round(s, 6) for s in seconds[1]],
             warmup=warmup,
             repeats=repeats,
             iters=iters,
@@ -518,23 +519,30 @@ def environment() -> Dict[str, Any]:
     return env
 
 
+def _spread(row: Dict[str, Any]) -> str:
+    """' (lo-hi)' of the per-repeat ratios: a wide range means the machine was too noisy for the median to trust."""
+    paired = row.get('paired_ratios') or []
+    return f' ({min(paired):.2f}-{max(paired):.2f})' if len(paired) > 1 else ''
+
+
 def markdown_table(rows: Sequence[Dict[str, Any]]) -> str:
     """Rows as a markdown table.
 
-    speed ratio > 1: ours is faster; FLOP ratio: the speed ratio arithmetic alone predicts (baseline FLOPs / ours);
+    speed ratio > 1: ours is faster (in brackets the range of the per-repeat ratios, each of two adjacent runs);
+    FLOP ratio: the speed ratio arithmetic alone predicts (baseline FLOPs / ours);
     mem ratio < 1: ours needs less memory.
     """
     def fmt(v, spec):
         return '-' if v is None else format(v, spec)
     lines = [
-        '| model | baseline | mode | batch | img/s | baseline img/s | speed ratio | FLOP ratio '
+        '| model | baseline | mode | batch | img/s | baseline img/s | speed ratio (repeats) | FLOP ratio '
         '| peak MB | baseline peak MB | mem ratio |',
         '|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|',
     ]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['baseline']} | {r['mode']} | {r['batch_size']} | {fmt(r['img_per_s'], '.1f')} | "
-            f"{fmt(r['baseline_img_per_s'], '.1f')} | {fmt(r['ratio'], '.2f')} | {fmt(r.get('flop_ratio'), '.2f')} | "
+            f"{fmt(r['baseline_img_per_s'], '.1f')} | {fmt(r['ratio'], '.2f')}{_spread(r)} | {fmt(r.get('flop_ratio'), '.2f')} | "
             f"{fmt(r['peak_mem_mb'], '.0f')} | "
             f"{fmt(r['baseline_peak_mem_mb'], '.0f')} | {fmt(r['mem_ratio'], '.2f')} |")
     return '\n'.join(lines)

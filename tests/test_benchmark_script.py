@@ -52,6 +52,8 @@ def _check_row(row, mode, batch_size):
     rounding = 0.005 * (1 + row['mem_ratio']) / row['baseline_peak_mem_mb'] + 5e-4
     assert abs(row['mem_ratio'] - row['peak_mem_mb'] / row['baseline_peak_mem_mb']) <= rounding
     assert len(row['seconds_per_repeat']) == row['repeats'] == 1
+    assert row['paired_ratios'] == [pytest.approx(b / a, rel=1e-2) for a, b in zip(
+        row['seconds_per_repeat'], row['baseline_seconds_per_repeat'])]
     assert row['flop_ratio'] == pytest.approx(row['baseline_gflops_per_img'] / row['gflops_per_img'], rel=1e-2)
     json.dumps(row)  # every value serializable
 
@@ -160,6 +162,8 @@ def test_markdown_table_one_line_per_row():
     lines = table.splitlines()
     assert len(lines) == 4
     assert lines[2] == '| a | b | infer | 4 | 150.0 | 100.0 | 1.50 | - | 90 | 100 | 0.90 |'
+    spread = throughput.markdown_table([dict(row, paired_ratios=[1.4, 1.7, 1.5])]).splitlines()[2]
+    assert '| 1.50 (1.40-1.70) |' in spread
     assert lines[3].endswith('| 1.50 | 1.20 | - | 100 | - |')
 
 
