@@ -112,8 +112,8 @@ class PositionalAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def attention_matrix(self, pos: torch.Tensor) -> torch.Tensor:
-        """Attention of every head from the positional table: (N, C) -> (H, N, N), rows sum to 1."""
-        N = pos.shape[0]
+        """Attention of every head from the positional table: (N, C) or (1, N, C) -> (H, N, N), rows sum to 1."""
+        N = pos.shape[-2]
         q, k = self.qk(self.pos_norm(pos)).reshape(N, 2, self.num_heads, self.head_dim).permute(1, 2, 0, 3).unbind(0)
         return ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
 
@@ -440,16 +440,19 @@ class VisionTransformerPosAttn(nn.Module):
             pass
 
     def _pos_table(self, grid_size: Tuple[int, int]) -> torch.Tensor:
-        """The positional table P (N, C) for a patch grid: class token row first, resampled if the grid changed."""
-        pos_embed = self.pos_embed
-        if grid_size != self.patch_embed.grid_size:
-            pos_embed = resample_abs_pos_embed(
-                pos_embed,
-                new_size=grid_size,
-                old_size=self.patch_embed.grid_size,
-                num_prefix_tokens=self.num_prefix_tokens,
-            )
-        return pos_embed[0]
+        """The positional table P (1, N, C) for a patch grid: class token row first, resampled if the grid changed.
+
+        Kept with its leading 1 rather than indexed: under no-grad, `param[0]` is a view that claims requires_grad
+        without a grad_fn, which breaks tools that hook modules (FlopCounterMode's module tracker).
+        """
+        if grid_size == self.patch_embed.grid_size:
+            return self.pos_embed
+        return resample_abs_pos_embed(
+            self.pos_embed,
+            new_size=grid_size,
+            old_size=self.patch_embed.grid_size,
+            num_prefix_tokens=self.num_prefix_tokens,
+        )
 
     def _compute_attention(self, pos: torch.Tensor) -> List[Optional[torch.Tensor]]:
         attn: List[Optional[torch.Tensor]] = []
@@ -532,7 +535,7 @@ class VisionTransformerPosAttn(nn.Module):
         pos = self._pos_table(grid_size)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        x = self.pos_drop(x + pos.unsqueeze(0))
+        x = self.pos_drop(x + pos)
         return x, grid_size
 
     def forward_intermediates(
