@@ -122,7 +122,7 @@ def train_online(
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        loss_sum += loss.item()
+        loss_sum += loss.detach().item()
         loss_count += 1
     return history
 
@@ -149,4 +149,4 @@ def train_fixed(
         loss.backward()
         optimizer.step()
     model.attn_logits.requires_grad_(True)
-    return float(loss)
+    return loss.detach().item()

@@ -1,0 +1,78 @@
+"""The experiment commands: results.json and plots, refusal to overwrite, both init regimes (small, seeded runs)."""
+import json
+import os
+
+import pytest
+import torch
+
+from timm_posattn.paper import main
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _png_size(path):
+    with open(path, 'rb') as f:
+        header = f.read(24)
+    assert header[:8] == b'\x89PNG\r\n\x1a\n', f'{path} is not a PNG'
+    return int.from_bytes(header[16:20], 'big'), int.from_bytes(header[20:24], 'big')
+
+
+def test_association_local_init(tmp_path):
+    out = tmp_path / 'local'
+    results = main(['association', '--out', str(out), '--quick', '--init', 'local', '--steps', '400'])
+    saved = json.loads((out / 'results.json').read_text())
+    for key in ('test_accuracy', 'association', 'set_purity', 'partition_ari', 'chance', 'init', 'history'):
+        assert key in saved, key
+    assert saved['init'] == 'local' and saved['association'] == pytest.approx(results['association'])
+    assert saved['chance'] == pytest.approx(0.25)  # quick preset: 16 patches in 4 sets
+    assert saved['association'] > 2.5 * saved['chance']
+    assert saved['partition_ari'] > 0.9
+    assert saved['test_accuracy'] > 0.9
+    for name in ('attention.png', 'metrics.png'):
+        width, height = _png_size(out / name)
+        assert width > 300 and height > 200
+    assert not [f for f in os.listdir(out) if f.startswith('.tmp_')]  # atomic writes leave no temp files
+
+
+def test_association_random_init_recovers_partition(tmp_path):
+    saved = main(['association', '--out', str(tmp_path), '--quick', '--init', 'random', '--steps', '400'])
+    assert saved['init'] == 'random'
+    assert saved['partition_ari'] > 0.9  # the columns group by hidden set ...
+    assert saved['test_accuracy'] > 0.9
+    assert saved['association'] < 0.5  # ... but without the local prior, rows need not pick their own set
+
+
+def test_refuses_to_overwrite(tmp_path):
+    (tmp_path / 'results.json').write_text('{"mine": 1}')
+    with pytest.raises(SystemExit, match='overwrite'):
+        main(['association', '--out', str(tmp_path), '--quick', '--steps', '5'])
+    assert json.loads((tmp_path / 'results.json').read_text()) == {'mine': 1}
+    main(['association', '--out', str(tmp_path), '--quick', '--steps', '5', '--overwrite'])
+    assert 'association' in json.loads((tmp_path / 'results.json').read_text())
+
+
+def test_transfer_writes_curves(tmp_path):
+    results = main(['transfer', '--out', str(tmp_path), '--quick', '--steps', '400', '--n', '8', '64',
+                    '--seeds', '3', '--downstream-steps', '150'])
+    saved = json.loads((tmp_path / 'results.json').read_text())
+    assert saved['n'] == [8, 64]
+    assert len(saved['pretrained']) == len(saved['scratch']) == 2
+    assert saved['num_seeds'] == 3 and len(saved['pretrained_per_seed']) == 3
+    assert all(0.0 <= a <= 1.0 for a in saved['pretrained'] + saved['scratch'])
+    # averaged over three seeds, with 64 samples the pretrained attention beats learning it from scratch
+    assert saved['pretrained'][1] > saved['scratch'][1]
+    assert results['pretrained'] == saved['pretrained']
+    _png_size(tmp_path / 'transfer.png')
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(SystemExit):
+        main(['association', '--out', str(tmp_path), '--init', 'zeros'])
+    with pytest.raises(SystemExit, match='positive'):
+        main(['transfer', '--out', str(tmp_path), '--quick', '--n', '0', '4'])

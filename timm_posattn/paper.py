@@ -1,0 +1,322 @@
+"""The paper's experiments on the simplified model, one command each.
+
+    python -m timm_posattn.paper association --out DIR [--quick] [--init local|random]
+    python -m timm_posattn.paper transfer --out DIR [--quick] [--init local|random]
+
+``association`` trains the simplified model on the structured dataset and scores its attention against the hidden
+sets (``DIR/results.json``, ``DIR/attention.png``, ``DIR/metrics.png``). ``transfer`` pretrains on w*, then learns
+a new feature w' (orthogonal to w*, same hidden sets) from n samples, keeping the pretrained attention or training
+from scratch, averaged over seeds (``DIR/results.json``, ``DIR/transfer.png``). See docs/paper_experiments.md.
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from .association import association_metrics
+from .simplified import INITS, SimplifiedPositionalModel, accuracy, train_fixed, train_online
+from .structured import StructuredConfig, make_structure, orthogonal_feature, sample_structured
+
+__all__ = [
+    'TrainSettings', 'association_experiment', 'transfer_experiment', 'save_attention_heatmap',
+    'save_metrics_plot', 'save_transfer_plot', 'main',
+]
+
+_TEST_SEED = 12345  # test samples; training batches use seeds >= 10**6 (see simplified.train_online)
+
+
+@dataclass
+class TrainSettings:
+    """Optimisation of the simplified model: Adam on fresh batches (pretraining), full batch downstream."""
+    steps: int = 1500
+    batch_size: int = 256
+    lr: float = 0.01
+    num_neurons: int = 4
+    beta: float = 1.0  # local init: logits beta * I
+    logit_noise: float = 0.01
+    eval_every: int = 50
+    num_test: int = 4000
+    downstream_steps: int = 300
+    downstream_lr: float = 0.01
+
+
+# The settings the commands run. The full association run uses the image form's shape (64 patches, d=48, 8 sets);
+# --quick uses 16 patches in 4 sets. The transfer regime is noisier (sigma 0.4) and has small sets (C = 4 or 8 of
+# D = 32 or 64): counting +-w' patches without the sets is then a poor classifier, so a model that must find the sets
+# from n samples falls clearly behind one that keeps the pretrained attention.
+PRESETS: Dict[str, Dict] = {
+    'association': dict(
+        full=(StructuredConfig(num_patches=64, num_sets=8, patch_dim=48, q=0.5, sigma=0.2), TrainSettings()),
+        quick=(StructuredConfig(num_patches=16, num_sets=4, patch_dim=32, q=0.5, sigma=0.3),
+               TrainSettings(steps=800, eval_every=25)),
+    ),
+    'transfer': dict(
+        full=(StructuredConfig(num_patches=64, num_sets=8, patch_dim=48, q=0.5, sigma=0.4),
+              TrainSettings(steps=1500, eval_every=1500)),
+        quick=(StructuredConfig(num_patches=32, num_sets=8, patch_dim=32, q=0.5, sigma=0.4),
+               TrainSettings(steps=800, eval_every=800, num_test=2000)),
+    ),
+}
+TRANSFER_NS = dict(full=[4, 8, 16, 32, 64, 128, 256], quick=[4, 16, 64, 256])
+TRANSFER_SEEDS = dict(full=5, quick=3)
+
+
+def _atomic_write_bytes(path: str, write_fn):
+    """Write through a temp file in the same directory, then os.replace, so a crash never leaves half a file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix='.tmp_', suffix=os.path.splitext(path)[1])
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            write_fn(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def _write_json(path: str, data) -> str:
+    return _atomic_write_bytes(path, lambda f: f.write(json.dumps(data, indent=2).encode('utf-8')))
+
+
+def _save_figure(fig, path: str) -> str:
+    import matplotlib.pyplot as plt
+    try:
+        return _atomic_write_bytes(path, lambda f: fig.savefig(f, format='png', dpi=120, bbox_inches='tight'))
+    finally:
+        plt.close(fig)
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_attention_heatmap(attn: torch.Tensor, partition: torch.Tensor, path: str, title: str = '') -> str:
+    """Heatmap of a (D, D) attention matrix with rows and columns ordered by hidden set, set borders drawn."""
+    plt = _pyplot()
+    order = torch.argsort(partition, stable=True)
+    ordered = attn.detach()[order][:, order].cpu().numpy()
+    sets = partition[order].tolist()
+    borders = [i - 0.5 for i in range(1, len(sets)) if sets[i] != sets[i - 1]]
+    fig, ax = plt.subplots(figsize=(6, 5.2))
+    im = ax.imshow(ordered, cmap='viridis', vmin=0)
+    for b in borders:
+        ax.axhline(b, color='white', lw=0.6)
+        ax.axvline(b, color='white', lw=0.6)
+    ax.set_xlabel('key patch (ordered by hidden set)')
+    ax.set_ylabel('query patch (ordered by hidden set)')
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label='attention')
+    return _save_figure(fig, path)
+
+
+def save_metrics_plot(history: List[Dict[str, float]], path: str, chance: float, chance_set_purity: float) -> str:
+    """Association, set purity, ARI (with their chance levels) and training loss over the steps."""
+    plt = _pyplot()
+    steps = [h['step'] for h in history]
+    fig, (ax, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, color, level in (('association', 'C0', chance), ('set_purity', 'C1', chance_set_purity),
+                              ('partition_ari', 'C2', 0.0)):
+        ax.plot(steps, [h[key] for h in history], color=color, label=key)
+        ax.axhline(level, color=color, ls='--', lw=0.8, label=f'{key} chance')
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xlabel('step')
+    ax.set_title('attention vs hidden sets')
+    ax.legend(fontsize=8)
+    loss_steps = [s for s, h in zip(steps, history) if h['loss'] == h['loss']]
+    ax_loss.plot(loss_steps, [h['loss'] for h in history if h['loss'] == h['loss']], color='C3')
+    ax_loss.set_yscale('log')
+    ax_loss.set_xlabel('step')
+    ax_loss.set_title('training loss (mean since last point)')
+    return _save_figure(fig, path)
+
+
+def save_transfer_plot(results: Dict, path: str) -> str:
+    """Downstream test accuracy against the number of samples n: pretrained attention vs from scratch."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label, color in (('pretrained', 'pretrained attention (frozen)', 'C0'), ('scratch', 'from scratch', 'C1')):
+        mean = torch.tensor(results[key])
+        std = torch.tensor(results[f'{key}_std'])
+        ax.plot(results['n'], mean, 'o-', color=color, label=label)
+        ax.fill_between(results['n'], mean - std, mean + std, color=color, alpha=0.2)
+    ax.set_xscale('log', base=2)
+    ax.set_xlabel('downstream training samples n')
+    ax.set_ylabel('test accuracy')
+    ax.set_ylim(0.45, 1.02)
+    ax.axhline(0.5, color='gray', ls=':', lw=0.8)
+    ax.set_title(f"transfer to new feature w' orthogonal to w* (mean ± std over {results['num_seeds']} seeds)", fontsize=9)
+    ax.legend()
+    return _save_figure(fig, path)
+
+
+def _build_model(config: StructuredConfig, settings: TrainSettings, init: str, seed: int) -> SimplifiedPositionalModel:
+    return SimplifiedPositionalModel(
+        config.num_patches, config.patch_dim, settings.num_neurons, init=init, beta=settings.beta,
+        logit_noise=settings.logit_noise, seed=seed)
+
+
+def association_experiment(
+        config: StructuredConfig,
+        settings: TrainSettings,
+        init: str = 'local',
+        seed: int = 0,
+        out_dir: Optional[str] = None,
+        log: bool = False,
+) -> Dict:
+    """Train the simplified model once and measure accuracy and patch association; plots go to ``out_dir``."""
+    start = time.time()
+    torch.manual_seed(seed)
+    partition, feature = make_structure(config)
+    model = _build_model(config, settings, init, seed)
+
+    def report(record):
+        if log:
+            print(f"step {record['step']:5d}  loss {record['loss']:.4f}  association {record['association']:.3f}  "
+                  f"set_purity {record['set_purity']:.3f}  ARI {record['partition_ari']:.3f}", flush=True)
+
+    history = train_online(model, config, settings.steps, settings.batch_size, settings.lr, seed=seed,
+                           eval_every=settings.eval_every, callback=report)
+    x_test, y_test = sample_structured(config, settings.num_test, _TEST_SEED + seed, partition, feature)
+    attn = model.attention().detach()
+    metrics = association_metrics(attn, partition)
+    results = dict(
+        experiment='association', init=init, seed=seed,
+        test_accuracy=accuracy(model, x_test, y_test), **metrics,
+        config=asdict(config), settings=asdict(settings), history=history,
+        partition=partition.tolist(), elapsed_s=round(time.time() - start, 1),
+    )
+    if out_dir is not None:
+        title = (f"init={init}: association {metrics['association']:.2f} (chance {metrics['chance']:.2f}), "
+                 f"purity {metrics['set_purity']:.2f}, ARI {metrics['partition_ari']:.2f}, "
+                 f"test acc {results['test_accuracy']:.3f}")
+        results['files'] = [
+            os.path.basename(save_attention_heatmap(attn, partition, os.path.join(out_dir, 'attention.png'), title)),
+            os.path.basename(save_metrics_plot(history, os.path.join(out_dir, 'metrics.png'), metrics['chance'],
+                                               metrics['chance_set_purity'])),
+        ]
+    return results
+
+
+def transfer_experiment(
+        config: StructuredConfig,
+        settings: TrainSettings,
+        ns: Sequence[int],
+        num_seeds: int = 3,
+        init: str = 'local',
+        out_dir: Optional[str] = None,
+        log: bool = False,
+) -> Dict:
+    """For each seed: pretrain on w*, then for each n learn w' from n samples (a) with the pretrained attention
+    frozen and fresh neurons, (b) from scratch with the same init; test accuracies are averaged over seeds."""
+    start = time.time()
+    partition, feature = make_structure(config)
+    pretrained_acc = torch.zeros(num_seeds, len(ns))
+    scratch_acc = torch.zeros(num_seeds, len(ns))
+    pretrain_metrics = []
+    for s in range(num_seeds):
+        torch.manual_seed(s)
+        base = _build_model(config, settings, init, seed=s)
+        train_online(base, config, settings.steps, settings.batch_size, settings.lr, seed=s,
+                     eval_every=settings.eval_every)
+        x_up, y_up = sample_structured(config, settings.num_test, _TEST_SEED + s, partition, feature)
+        up = association_metrics(base.attention().detach(), partition)
+        up['test_accuracy'] = accuracy(base, x_up, y_up)
+        pretrain_metrics.append(up)
+        new_feature = orthogonal_feature(feature, seed=1000 + s)
+        x_test, y_test = sample_structured(config, settings.num_test, _TEST_SEED + 500 + s, partition, new_feature)
+        for k, n in enumerate(ns):
+            x, y = sample_structured(config, n, 2000 + 100 * s + k, partition, new_feature)
+            transferred = _build_model(config, settings, init, seed=s)
+            transferred.load_state_dict(base.state_dict())
+            transferred.reset_neurons(seed=3000 + s)
+            train_fixed(transferred, x, y, settings.downstream_steps, settings.downstream_lr, train_attention=False)
+            pretrained_acc[s, k] = accuracy(transferred, x_test, y_test)
+            scratch = _build_model(config, settings, init, seed=5000 + s)
+            train_fixed(scratch, x, y, settings.downstream_steps, settings.downstream_lr, train_attention=True)
+            scratch_acc[s, k] = accuracy(scratch, x_test, y_test)
+            if log:
+                print(f'seed {s}  n {n:5d}  pretrained {pretrained_acc[s, k]:.3f}  scratch {scratch_acc[s, k]:.3f}',
+                      flush=True)
+    results = dict(
+        experiment='transfer', init=init, num_seeds=num_seeds, n=list(ns),
+        pretrained=pretrained_acc.mean(0).tolist(), scratch=scratch_acc.mean(0).tolist(),
+        pretrained_std=pretrained_acc.std(0, unbiased=False).tolist(),
+        scratch_std=scratch_acc.std(0, unbiased=False).tolist(),
+        pretrained_per_seed=pretrained_acc.tolist(), scratch_per_seed=scratch_acc.tolist(),
+        pretrain=pretrain_metrics, config=asdict(config), settings=asdict(settings),
+        elapsed_s=round(time.time() - start, 1),
+    )
+    if out_dir is not None:
+        results['files'] = [os.path.basename(save_transfer_plot(results, os.path.join(out_dir, 'transfer.png')))]
+    return results
+
+
+def _parse_args(argv: Optional[Sequence[str]]):
+    parser = argparse.ArgumentParser(prog='python -m timm_posattn.paper', description=__doc__.split('\n\n')[0])
+    parser.add_argument('experiment', choices=('association', 'transfer'))
+    parser.add_argument('--out', required=True, help='output folder (created if missing)')
+    parser.add_argument('--quick', action='store_true', help='small setting that runs in well under two minutes')
+    parser.add_argument('--init', choices=INITS, default='local', help='positional logits: beta*I + noise, or noise')
+    parser.add_argument('--seed', type=int, default=0, help='association: model and sample seed')
+    parser.add_argument('--steps', type=int, default=None, help='override the number of (pre)training steps')
+    parser.add_argument('--downstream-steps', type=int, default=None, help='transfer: full-batch steps per fit')
+    parser.add_argument('--seeds', type=int, default=None, help='transfer: number of seeds (at least 3 advised)')
+    parser.add_argument('--n', type=int, nargs='+', default=None, help='transfer: downstream sample counts')
+    for name in ('num_patches', 'num_sets', 'patch_dim', 'q', 'sigma'):
+        kind = float if name in ('q', 'sigma') else int
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None,
+                            help=f'override the dataset {name}')
+    parser.add_argument('--threads', type=int, default=1, help='torch CPU threads (tiny matrices: 1 is fastest)')
+    parser.add_argument('--overwrite', action='store_true', help='replace an existing DIR/results.json')
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict:
+    args = _parse_args(argv)
+    torch.set_num_threads(args.threads)  # the matrices are tiny: extra threads only add synchronisation
+    preset = 'quick' if args.quick else 'full'
+    config, settings = PRESETS[args.experiment][preset]
+    overrides = {k: getattr(args, k) for k in ('num_patches', 'num_sets', 'patch_dim', 'q', 'sigma')
+                 if getattr(args, k) is not None}
+    config = replace(config, **overrides)
+    if args.steps is not None:
+        settings = replace(settings, steps=args.steps, eval_every=min(settings.eval_every, max(args.steps, 1)))
+    if args.downstream_steps is not None:
+        settings = replace(settings, downstream_steps=args.downstream_steps)
+    os.makedirs(args.out, exist_ok=True)
+    results_path = os.path.join(args.out, 'results.json')
+    if os.path.exists(results_path) and not args.overwrite:
+        raise SystemExit(f'{results_path} already exists; pass --overwrite to replace it or choose another --out')
+    if args.experiment == 'association':
+        results = association_experiment(config, settings, init=args.init, seed=args.seed, out_dir=args.out, log=True)
+        print(f"test_accuracy {results['test_accuracy']:.4f}  association {results['association']:.3f} "
+              f"(chance {results['chance']:.3f})  set_purity {results['set_purity']:.3f} "
+              f"(chance {results['chance_set_purity']:.3f})  partition_ari {results['partition_ari']:.3f}")
+    else:
+        ns = args.n or TRANSFER_NS[preset]
+        if min(ns) < 1:
+            raise SystemExit(f'expected positive sample counts for --n, got {ns}')
+        results = transfer_experiment(config, settings, ns, num_seeds=args.seeds or TRANSFER_SEEDS[preset],
+                                      init=args.init, out_dir=args.out, log=True)
+        for n, p, s in zip(results['n'], results['pretrained'], results['scratch']):
+            print(f'n {n:5d}  pretrained {p:.3f}  scratch {s:.3f}')
+    results['preset'] = preset
+    results['command'] = ' '.join(['python -m timm_posattn.paper'] + list(sys.argv[1:] if argv is None else argv))
+    _write_json(results_path, results)
+    print(f'wrote {results_path}')
+    return results
+
+
+if __name__ == '__main__':
+    main()
