@@ -196,16 +196,13 @@ def test_hf_hub_name_loads_from_cache_offline(hf_cache, source_model):
 
 def test_registered_tag_pretrained_downloads_through_hf_hub_id(hf_cache, source_model):
     overlay = dict(hf_hub_id=REPO_ID)
-    # num_classes given explicitly: see test_registered_tag_builds_its_own_class_count
-    kwargs = dict(pretrained_cfg_overlay=overlay, num_classes=2, **MODEL_KWARGS)
+    kwargs = dict(pretrained_cfg_overlay=overlay, **MODEL_KWARGS)  # the tag's own class count (2) must be used
     model = timm.create_model(f'{MODEL}.structured', pretrained=True, **kwargs)
     torch.testing.assert_close(_logits(model), _logits(source_model), rtol=0, atol=1e-6)
     model = hub.load_model(f'{MODEL}.structured', pretrained=True, **kwargs)
     torch.testing.assert_close(_logits(model), _logits(source_model), rtol=0, atol=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason='vit_posattn_*_patch4_32 entrypoints hard-code num_classes=10, overriding the '
-                                      "tag's num_classes, so .structured weights would load with a new random head")
 def test_registered_tag_builds_its_own_class_count():
     assert timm.create_model(f'{MODEL}.structured', **MODEL_KWARGS).num_classes == 2
 

@@ -804,11 +804,11 @@ default_cfgs = generate_default_cfgs({
         'vit_posattn_small_patch4_32.cifar100', CIFAR100_MEAN, CIFAR100_STD, 100),
     'vit_posattn_small_patch4_32.svhn': _cfg_32(
         'vit_posattn_small_patch4_32.svhn', SVHN_MEAN, SVHN_STD, 10, interpolation='bilinear'),
+    'vit_posattn_tiny_patch4_32.cifar10': _cfg_32(
+        'vit_posattn_tiny_patch4_32.cifar10', CIFAR10_MEAN, CIFAR10_STD, 10),
     'vit_posattn_tiny_patch4_32.structured': _cfg_32(
         'vit_posattn_tiny_patch4_32.structured', STRUCTURED_MEAN, STRUCTURED_STD, 2,
         interpolation='nearest', label_names=('-1', '+1')),
-    'vit_posattn_tiny_patch4_32.cifar10': _cfg_32(
-        'vit_posattn_tiny_patch4_32.cifar10', CIFAR10_MEAN, CIFAR10_STD, 10),
 })
 
 
@@ -836,14 +836,14 @@ def vit_posattn_base_patch16_224(pretrained: bool = False, **kwargs) -> VisionTr
 @register_model
 def vit_posattn_small_patch4_32(pretrained: bool = False, **kwargs) -> VisionTransformerPosAttn:
     """ The paper's small-image model: 32x32 input, 4x4 patches, 7 blocks, 12 heads, width 384, MLP width 384 """
-    model_args = dict(img_size=32, patch_size=4, embed_dim=384, depth=7, num_heads=12, mlp_ratio=1., num_classes=10)
+    model_args = dict(img_size=32, patch_size=4, embed_dim=384, depth=7, num_heads=12, mlp_ratio=1.)
     return _create_vit_posattn('vit_posattn_small_patch4_32', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def vit_posattn_tiny_patch4_32(pretrained: bool = False, **kwargs) -> VisionTransformerPosAttn:
     """ The paper's small-image model at width 192 (MLP width 192), for quick CPU runs """
-    model_args = dict(img_size=32, patch_size=4, embed_dim=192, depth=7, num_heads=12, mlp_ratio=1., num_classes=10)
+    model_args = dict(img_size=32, patch_size=4, embed_dim=192, depth=7, num_heads=12, mlp_ratio=1.)
     return _create_vit_posattn('vit_posattn_tiny_patch4_32', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
