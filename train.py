@@ -22,7 +22,7 @@ from collections import OrderedDict
 from contextlib import suppress
 from datetime import datetime
 from functools import partial
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -502,7 +502,8 @@ def train_one_epoch(
         if utils.is_primary(args) and (update_idx % args.log_interval == 0 or last_batch):
             lrs = [group['lr'] for group in optimizer.param_groups]
             _logger.info(
-                f'Train: {epoch} [{update_idx:>4d}/{updates_per_epoch} ({100. * (update_idx + 1) / updates_per_epoch:>3.0f}%)]  '
+                f'Train: {epoch} [{update_idx:>4d}/{updates_per_epoch} '
+                f'({100. * (update_idx + 1) / updates_per_epoch:>3.0f}%)]  '
                 f'Loss: {losses_m.val:#.3g} ({losses_m.avg:#.3g})  '
                 f'Throughput: {update_sample_count / max(update_time_m.val, 1e-9):>7.1f} img/s  '
                 f'LR: {sum(lrs) / len(lrs):.3e}')

@@ -6,8 +6,10 @@ timm model name (``--pretrained`` for its weights), or a ``hf-hub:org/repo`` / `
 keep the names of timm's validate.py.
 
     python validate.py --checkpoint output/train/EXP/model_best.pth.tar
-    python validate.py --model vit_posattn_small_patch4_32 --checkpoint best.pth.tar --dataset torch/cifar10 --data-dir /data
-    python validate.py --model hf-hub:timm-posattn/vit_posattn_small_patch4_32.cifar10 --pretrained --dataset torch/cifar10 --data-dir /data
+    python validate.py --model vit_posattn_small_patch4_32 --checkpoint best.pth.tar \
+        --dataset torch/cifar10 --data-dir /data/cifar10
+    python validate.py --model hf-hub:ORG/REPO --pretrained --dataset torch/cifar10 --data-dir /data/cifar10
+    python validate.py --model local-dir:/path/to/export --pretrained --dataset torch/cifar10 --data-dir /data/cifar10
 """
 import argparse
 import json
@@ -22,7 +24,7 @@ import torch.nn as nn
 
 from timm import utils
 from timm.data import create_loader, resolve_data_config
-from timm.models import create_model
+from timm.models import create_model, load_checkpoint
 
 import timm_posattn  # noqa: F401  registers the vit_posattn_* models with timm
 from timm_posattn.data import DatasetError, create_dataset, is_structured
@@ -112,7 +114,7 @@ def evaluate(args: argparse.Namespace) -> Dict[str, Any]:
     model_args = dict(pretrained=args.pretrained, num_classes=args.num_classes)
     model = create_model(args.model, **{k: v for k, v in model_args.items() if v is not None}, **args.model_kwargs)
     if args.checkpoint:
-        utils_load_checkpoint(model, args.checkpoint, use_ema=args.use_ema)
+        load_weights(model, args.checkpoint, use_ema=args.use_ema)
     model.to(device).eval()
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -150,9 +152,8 @@ def evaluate(args: argparse.Namespace) -> Dict[str, Any]:
     }
 
 
-def utils_load_checkpoint(model: nn.Module, path: str, use_ema: bool = False) -> None:
+def load_weights(model: nn.Module, path: str, use_ema: bool = False) -> None:
     """Load ``state_dict`` (or ``state_dict_ema`` with --use-ema) with weights_only=True via timm's loader."""
-    from timm.models import load_checkpoint
     load_checkpoint(model, path, use_ema=use_ema)
 
 

@@ -22,7 +22,7 @@ import validate  # noqa: E402
 from timm_posattn.data import DatasetError, create_dataset  # noqa: E402
 
 TINY = ['--model-kwargs', 'depth=1', 'embed_dim=24', 'num_heads=2', '-j', '0', '--log-interval', '100']
-STRUCTURED_TINY = ['--train-num-samples', '384', '--val-num-samples', '256', '-b', '32', '--lr', '3e-3',
+STRUCTURED_TINY = ['--train-num-samples', '384', '--val-num-samples', '128', '-b', '32', '--lr', '3e-3',
                    '--warmup-epochs', '0', '--smoothing', '0']
 
 
@@ -243,3 +243,19 @@ def test_torchrun_two_processes_gloo(tmp_path):
     assert len(rows) == 1  # written once, by rank 0
     ckpt = torch.load(tmp_path / 'ddp' / 'last.pth.tar', map_location='cpu', weights_only=True)
     assert not any(k.startswith('module.') for k in ckpt['state_dict'])  # saved unwrapped from DDP
+
+
+def test_validate_local_dir_model(tmp_path, capsys):
+    """A `local-dir:` export (timm's save_for_hf layout) evaluates like a model name."""
+    import timm
+    from timm.models import save_for_hf
+    model_args = dict(depth=1, embed_dim=24, num_heads=2, num_classes=2)
+    model = timm.create_model('vit_posattn_tiny_patch4_32', **model_args)
+    save_for_hf(model, str(tmp_path / 'export'), model_args=model_args, safe_serialization=True)
+    code = validate.main(['--model', f'local-dir:{tmp_path / "export"}', '--pretrained', '--dataset', 'structured',
+                          '--num-samples', '64', '-j', '0', '--results-file', str(tmp_path / 'r.json')])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert 'Top-1:' in out
+    results = yaml.safe_load((tmp_path / 'r.json').read_text())
+    assert results['num_samples'] == 64 and results['model'].startswith('local-dir:')

@@ -60,7 +60,8 @@ def _svhn_split(split: str) -> str:
 def _create_svhn(root: Optional[str], split: str, download: bool) -> Dataset:
     from torchvision.datasets import SVHN
     if not root:
-        raise DatasetError("dataset 'torch/svhn' needs --data-dir (where the .mat files are, or go with --dataset-download)")
+        raise DatasetError("dataset 'torch/svhn' needs --data-dir (where the .mat files are; add --dataset-download "
+                           "to fetch them)")
     split = _svhn_split(split)
     try:
         return SVHN(root=root, split=split, download=download)
@@ -100,7 +101,7 @@ def create_dataset(
         data_seed: int = 0,
         **kwargs: Any,
 ) -> Dataset:
-    """Create a dataset by timm-style name: ``structured``, ``torch/svhn``, or anything ``timm.data.create_dataset`` takes.
+    """Create a dataset by timm-style name: ``structured``, ``torch/svhn``, or any name timm's factory takes.
 
     Args:
         name: ``structured``, ``torch/svhn``, ``torch/cifar10``, ``hfds/...``, ``wds/...``, or '' for a folder/tar.
@@ -128,8 +129,10 @@ def create_dataset(
             **kwargs)
     except DatasetError:
         raise
-    except (AssertionError, RuntimeError, FileNotFoundError, NotADirectoryError, ValueError, OSError) as e:
+    except (AssertionError, RuntimeError, ImportError, ValueError, OSError) as e:  # OSError: FileNotFound, NotADir
         detail = str(e).strip() or type(e).__name__
+        if 'download=True' in detail:
+            detail += ' (on the command line: --dataset-download)'
         raise DatasetError(f"could not open dataset '{name or 'image folder'}' split '{split}' at '{root}': "
                            f"{detail}") from e
     try:
