@@ -442,9 +442,11 @@ def benchmark_pair(
     if batch_size is None:
         batch_size = default_batch_size(model.patch_embed.img_size)
 
+    # Counted before anything moves to the device (the count runs on a meta copy).
+    flops_by_mode = {mode: [step_flops(m, mode, batch_size) for m in (model, base_model)] for mode in modes}
     rows = []
     for mode in modes:
-        flops = [step_flops(m, mode, batch_size) for m in (model, base_model)]
+        flops = flops_by_mode[mode]
         runners = [
             make_runner(m, mode, torch_device, DTYPES[dtype], batch_size, seed, compile_model)
             for m in (model, base_model)]
