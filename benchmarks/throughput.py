@@ -494,8 +494,8 @@ def benchmark_pair(
     return rows
 
 
-def environment() -> Dict[str, Any]:
-    """What the numbers depend on: machine, threads, library versions."""
+def environment(argv: Sequence[str]) -> Dict[str, Any]:
+    """What the numbers depend on: the command line, machine, threads, library versions."""
     cpu = platform.processor() or platform.machine()
     try:
         with open('/proc/cpuinfo') as f:
@@ -503,7 +503,7 @@ def environment() -> Dict[str, Any]:
     except (OSError, StopIteration):
         pass
     env = dict(
-        command=' '.join([os.path.basename(sys.executable)] + sys.argv),
+        command=' '.join(['python', os.path.relpath(__file__)] + list(argv)),
         cpu=cpu,
         cpu_count=os.cpu_count(),
         num_threads=torch.get_num_threads(),
@@ -596,6 +596,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     if args.device == 'cuda' and not torch.cuda.is_available():
         raise SystemExit('--device cuda: no CUDA device is available')
@@ -632,7 +633,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             model_kwargs=args.model_kwargs,
         ))
         print(markdown_table(rows[-len(args.modes):]), flush=True)
-    payload = dict(environment=environment(), rows=rows, seconds_total=round(time.perf_counter() - start, 1))
+    payload = dict(environment=environment(argv), rows=rows, seconds_total=round(time.perf_counter() - start, 1))
     env = payload['environment']
     print(f"\n{env['cpu']}, {env['num_threads']} threads, torch {env['torch']}, timm {env['timm']}, "
           f"{args.device}/{args.dtype}, memory: {rows[0]['memory_method'] if rows else '-'}, "

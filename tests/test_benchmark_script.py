@@ -139,6 +139,9 @@ def test_main_writes_json_and_table(tmp_path, capsys):
     assert set(saved) == {'environment', 'rows', 'seconds_total'}
     for key in ('command', 'cpu', 'cpu_count', 'num_threads', 'torch', 'timm', 'timm_posattn'):
         assert key in saved['environment']
+    assert saved['environment']['command'].endswith(f'throughput.py --models {TINY} --baseline twin --batch-size 3 '
+                                                    f'--repeats 1 --modes infer --model-kwargs depth=1 '
+                                                    f'--num-threads 1 --json {out}')
     assert len(saved['rows']) == 1
     _check_row(saved['rows'][0], 'infer', 3)
     assert not [p for p in os.listdir(out.parent) if p != 'out.json'], 'temp file left behind'
