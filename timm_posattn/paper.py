@@ -125,10 +125,12 @@ def save_metrics_plot(history: List[Dict[str, float]], path: str, chance: float,
     plt = _pyplot()
     steps = [h['step'] for h in history]
     fig, (ax, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
-    for key, color, level in (('association', 'C0', chance), ('set_purity', 'C1', chance_set_purity),
-                              ('partition_ari', 'C2', 0.0)):
-        ax.plot(steps, [h[key] for h in history], color=color, label=key)
-        ax.axhline(level, color=color, ls='--', lw=0.8, label=f'{key} chance')
+    # association and set_purity coincide once every row prefers its own set: draw them so both stay visible
+    for key, color, style, width, level in (('association', 'C0', '-', 3.0, chance),
+                                            ('set_purity', 'C1', '--', 1.5, chance_set_purity),
+                                            ('partition_ari', 'C2', '-', 1.5, 0.0)):
+        ax.plot(steps, [h[key] for h in history], color=color, ls=style, lw=width, label=key)
+        ax.axhline(level, color=color, ls=':', lw=1.0, label=f'{key} chance')
     ax.set_ylim(-0.05, 1.05)
     ax.set_xlabel('step')
     ax.set_title('attention vs hidden sets')
