@@ -15,13 +15,12 @@ activations and temporaries; the input batch is excluded), measured after the ti
   cpu:  high-water mark of the CPU tensor allocator, from torch.profiler(profile_memory=True) allocation events
 In both cases what the other model of the pair holds is subtracted, so each figure is what the step would need alone.
 
-Hacked together by the timm_posattn authors, in the style of timm's benchmark.py.
+Usage and the meaning of every output field: benchmarks/README.md.
 """
 import argparse
 import copy
 import gc
 import json
-import logging
 import os
 import platform
 import statistics
@@ -41,7 +40,6 @@ from timm.optim import create_optimizer_v2
 from timm.utils import ParseKwargs
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
-
 
 
 def _import_posattn():
@@ -64,7 +62,6 @@ def _import_posattn():
 timm_posattn = _import_posattn()
 has_posattn = timm_posattn is not None
 
-_logger = logging.getLogger('throughput')
 
 DEFAULT_MODELS = ('vit_posattn_small_patch16_224', 'vit_posattn_small_patch4_32')
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
