@@ -336,10 +336,15 @@ class AtomicCheckpointSaver(utils.CheckpointSaver):
         if hasattr(self, 'state_dict'):  # timm >= 1.0.28 keeps its checkpoint history across resumes
             save_state['saver'] = self.state_dict(epoch, metric)
         tmp_path = save_path + '.partial'
-        with open(tmp_path, 'wb') as f:
-            torch.save(save_state, f)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(tmp_path, 'wb') as f:
+                torch.save(save_state, f)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            if os.path.exists(tmp_path):
+                os.unlink(tmp_path)
+            raise
         os.replace(tmp_path, save_path)
 
     def _replace(self, src, dst):

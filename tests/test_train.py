@@ -259,3 +259,34 @@ def test_validate_local_dir_model(tmp_path, capsys):
     assert 'Top-1:' in out
     results = yaml.safe_load((tmp_path / 'r.json').read_text())
     assert results['num_samples'] == 64 and results['model'].startswith('local-dir:')
+
+
+def test_interrupted_checkpoint_write_keeps_the_good_file(tmp_path, monkeypatch):
+    """A crash while writing never replaces last/best with a broken file."""
+    import argparse
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    args = argparse.Namespace(model='linear', model_kwargs={'depth': 1})
+    saver = train.AtomicCheckpointSaver(model=model, optimizer=optimizer, args=args, checkpoint_dir=str(tmp_path),
+                                        recovery_dir=str(tmp_path), max_history=2)
+    saver.save_checkpoint(0, metric=50.0)
+    good = (tmp_path / 'last.pth.tar').read_bytes()
+
+    real_save = torch.save
+
+    def crash_midway(obj, f, *a, **kw):
+        real_save({'partial': torch.zeros(3)}, f)
+        raise OSError('disk full')
+
+    monkeypatch.setattr(torch, 'save', crash_midway)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    with pytest.raises(OSError, match='disk full'):
+        saver.save_checkpoint(1, metric=90.0)
+    monkeypatch.setattr(torch, 'save', real_save)
+
+    assert (tmp_path / 'last.pth.tar').read_bytes() == good
+    assert not list(tmp_path.glob('*.partial'))
+    for name in ('last.pth.tar', 'model_best.pth.tar'):
+        ckpt = torch.load(tmp_path / name, map_location='cpu', weights_only=True)
+        assert ckpt['epoch'] == 0 and ckpt['args'] == {'model': 'linear', 'model_kwargs': {'depth': 1}}
