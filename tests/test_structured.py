@@ -175,7 +175,7 @@ def test_metrics_other_set():
 
 
 def test_metrics_identity():
-    """Each patch only on itself: all its mass is in its own set, so association counts it; only ARI sees no grouping."""
+    """Each patch only on itself: all its mass is in its own set, so association counts it; ARI sees no grouping."""
     m = association_metrics(torch.eye(16), PARTITION)
     assert m['association'] == pytest.approx(1.0)
     assert m['partition_ari'] < 0.5  # identity columns say nothing about which patches belong together
@@ -234,6 +234,10 @@ def test_model_association_drops_class_token_and_averages():
     uniform = _FakePosAttnModel(torch.full((16, 16), 1 / 16))
     uniform.maps[1, 1] = uniform.maps[0, 0]
     assert model_association(uniform, PARTITION)['association'] == pytest.approx(0.25)
+    only_identity_head = model_association(model, PARTITION, blocks=[1])
+    assert only_identity_head['best_head'] == [1, 0]
+    with pytest.raises(ValueError, match='not positional-attention blocks'):
+        model_association(model, PARTITION, blocks=[2])
     with pytest.raises(ValueError, match='partition has'):
         model_association(model, torch.zeros(9, dtype=torch.long))
     with pytest.raises(TypeError, match='get_attention_maps'):

@@ -139,13 +139,17 @@ def model_association(
     """Association metrics of a ``vit_posattn_*`` model's positional attention against the hidden partition.
 
     The patch-to-patch maps (class token dropped, rows renormalised) are averaged over heads and over the
-    positional blocks (all, or the positions ``blocks`` in ``model.pos_attn_indices`` order), giving one (P, P)
+    positional blocks (all, or the model block indices ``blocks``), giving one (P, P)
     matrix that is scored with ``association_metrics``. Because heads of a real ViT specialise, the best single
-    head is reported too (``best_head_association`` with its ``best_head`` = (block position, head)).
+    head is reported too (``best_head_association`` with its ``best_head`` = (model block index, head)).
     """
     maps = patch_attention(model)
     if blocks is not None:
-        maps = maps[list(blocks)]
+        positional = list(getattr(model, 'pos_attn_indices', range(maps.shape[0])))
+        missing = [b for b in blocks if b not in positional]
+        if missing:
+            raise ValueError(f'blocks {missing} are not positional-attention blocks; expected some of {positional}')
+        maps = maps[[positional.index(b) for b in blocks]]
     partition = torch.as_tensor(partition).long()
     if maps.shape[-1] != partition.numel():
         raise ValueError(f'the model has {maps.shape[-1]} patches but the partition has {partition.numel()} entries')
@@ -155,5 +159,6 @@ def model_association(
     per_head = (maps * same_set).sum(-1).mean(-1)  # (blocks, heads) association of each head
     flat = int(per_head.argmax())
     metrics['best_head_association'] = float(per_head.flatten()[flat])
-    metrics['best_head'] = [flat // per_head.shape[1], flat % per_head.shape[1]]
+    block_ids = list(blocks) if blocks is not None else list(getattr(model, 'pos_attn_indices', range(len(maps))))
+    metrics['best_head'] = [int(block_ids[flat // per_head.shape[1]]), flat % per_head.shape[1]]
     return metrics

@@ -14,7 +14,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -157,7 +157,8 @@ def save_transfer_plot(results: Dict, path: str) -> str:
     ax.set_ylabel('test accuracy')
     ax.set_ylim(0.45, 1.02)
     ax.axhline(0.5, color='gray', ls=':', lw=0.8)
-    ax.set_title(f"transfer to new feature w' orthogonal to w* (mean ± std over {results['num_seeds']} seeds)", fontsize=9)
+    ax.set_title(f"transfer to new feature w' orthogonal to w* (mean ± std over {results['num_seeds']} seeds)",
+                 fontsize=9)
     ax.legend()
     return _save_figure(fig, path)
 

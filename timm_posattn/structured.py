@@ -63,7 +63,8 @@ class StructuredConfig:
                 f'{self.num_patches}, {self.num_sets}, {self.patch_dim}')
         if self.num_patches % self.num_sets:
             raise ValueError(
-                f'expected num_sets to divide num_patches (equal-size sets), got D={self.num_patches}, L={self.num_sets}')
+                f'expected num_sets to divide num_patches (equal-size sets), '
+                f'got D={self.num_patches}, L={self.num_sets}')
         if not 0.0 <= self.q <= 1.0:
             raise ValueError(f'expected 0 <= q <= 1, got q={self.q}')
         if self.sigma < 0:

@@ -191,6 +191,10 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     if os.path.exists(args.out) and not args.overwrite:
         parser.error(f'{args.out} already exists; pass --overwrite to replace it')
     model = load_model(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained, **args.model_kwargs)
+    if not (args.checkpoint or args.pretrained or os.path.isfile(args.model)
+            or args.model.startswith(('hf-hub:', 'local-dir:'))):
+        print(f'note: {args.model} has freshly initialised weights (no --checkpoint or --pretrained): '
+              f'the plot shows the attention at initialisation')
     path = save_attention_plot(model, args.out, query_patches=args.query, blocks=args.blocks, img_size=args.img_size)
     print(f'wrote {path}')
     return path
