@@ -55,6 +55,12 @@ def test_refuses_to_overwrite(tmp_path):
     assert json.loads((tmp_path / 'results.json').read_text()) == {'mine': 1}
     main(['association', '--out', str(tmp_path), '--quick', '--steps', '5', '--overwrite'])
     assert 'association' in json.loads((tmp_path / 'results.json').read_text())
+    plots_only = tmp_path / 'plots_only'
+    plots_only.mkdir()
+    (plots_only / 'transfer.png').write_bytes(b'mine')
+    with pytest.raises(SystemExit, match='transfer.png'):
+        main(['transfer', '--out', str(plots_only), '--quick', '--steps', '5'])
+    assert (plots_only / 'transfer.png').read_bytes() == b'mine'
 
 
 def test_transfer_writes_curves(tmp_path):

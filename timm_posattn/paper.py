@@ -299,8 +299,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         settings = replace(settings, downstream_steps=args.downstream_steps)
     os.makedirs(args.out, exist_ok=True)
     results_path = os.path.join(args.out, 'results.json')
-    if os.path.exists(results_path) and not args.overwrite:
-        raise SystemExit(f'{results_path} already exists; pass --overwrite to replace it or choose another --out')
+    outputs = ['results.json'] + (['attention.png', 'metrics.png'] if args.experiment == 'association'
+                                  else ['transfer.png'])
+    existing = [name for name in outputs if os.path.exists(os.path.join(args.out, name))]
+    if existing and not args.overwrite:
+        raise SystemExit(f'{args.out} already holds {", ".join(existing)}; pass --overwrite to replace them '
+                         f'or choose another --out')
     if args.experiment == 'association':
         results = association_experiment(config, settings, init=args.init, seed=args.seed, out_dir=args.out, log=True)
         print(f"test_accuracy {results['test_accuracy']:.4f}  association {results['association']:.3f} "
