@@ -108,8 +108,9 @@ def save_attention_plot(
     """Save a grid of attention maps to ``path`` (PNG) and return the path.
 
     One row per (block, query patch), one column per head; each panel is the query's attention over the patch grid
-    (the query is outlined in red, the mass it gives the class token is in the panel title). ``blocks`` are model
-    block indices (default: every positional block), ``query_patches`` ints or (row, col) pairs (default: centre).
+    (the query is outlined in red; the panel title gives the row's largest patch weight and the mass on the class
+    token, since every panel has its own colour scale). ``blocks`` are model block indices (default: every
+    positional block), ``query_patches`` ints or (row, col) pairs (default: centre).
     """
     import matplotlib
     matplotlib.use('Agg')
@@ -142,7 +143,10 @@ def save_attention_plot(
             ax.imshow(row[prefix:].reshape(grid).numpy(), cmap='viridis', vmin=0)
             qr, qc = divmod(q, grid[1])
             ax.add_patch(Rectangle((qc - 0.5, qr - 0.5), 1, 1, fill=False, edgecolor='red', lw=1.2))
-            title = f'h{h}' + (f' cls {float(row[:prefix].sum()):.2f}' if prefix else '')
+            # each panel has its own colour scale: the max tells a peaked head from a near-uniform one (1/N)
+            title = f'h{h} max {float(row[prefix:].max()):.2f}'
+            if prefix:
+                title += f' cls {float(row[:prefix].sum()):.2f}'
             ax.set_title(title, fontsize=7)
             ax.set_xticks([])
             ax.set_yticks([])
