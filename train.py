@@ -33,7 +33,7 @@ from timm import utils
 from timm.data import create_loader, resolve_data_config, Mixup, FastCollateMixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy, BinaryCrossEntropy
 from timm.models import create_model, safe_model_name
-from timm.models._helpers import clean_state_dict
+from timm.models import clean_state_dict
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 

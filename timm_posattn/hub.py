@@ -15,16 +15,14 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 import timm
 from torch import nn
-from timm.models import is_model, parse_model_name, split_model_name_tag
-from timm.models._builder import resolve_pretrained_cfg
-from timm.models._hub import HF_SAFE_WEIGHTS_NAME, hf_split
+from timm.models import is_model, parse_model_name, resolve_pretrained_cfg, split_model_name_tag
 
 __all__ = [
     'WEIGHTS_NAME', 'WeightsFileError', 'UnknownArchitectureError', 'sha256_file', 'validate_safetensors',
     'read_model_config', 'require_registered', 'load_model',
 ]
 
-WEIGHTS_NAME = HF_SAFE_WEIGHTS_NAME  # 'model.safetensors', the file timm looks for first
+WEIGHTS_NAME = 'model.safetensors'  # the file timm's hub loaders look for first
 PUBLISH_INFO_KEY = 'timm_posattn'  # config.json section written by publish (ignored by timm itself)
 
 _SAFETENSORS_ITEM_SIZE = {
@@ -169,9 +167,9 @@ def _hf_download(hub_id: str, filename: str, cache_dir: Optional[Union[str, Path
     """Download (or find in the cache) one file of a hub repo; None when the repo does not have it."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.utils import EntryNotFoundError
-    repo_id, revision = hf_split(hub_id)
+    repo_id, _, revision = hub_id.partition('@')  # timm's 'org/repo@revision' form
     try:
-        return hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
+        return hf_hub_download(repo_id, filename, revision=revision or None, cache_dir=cache_dir,
                                library_name='timm', library_version=timm.__version__)
     except EntryNotFoundError:
         return None

@@ -27,7 +27,7 @@ import torch
 import timm
 import yaml
 from timm.models import save_for_hf, split_model_name_tag
-from timm.models._helpers import clean_state_dict
+from timm.models import clean_state_dict
 
 from . import hub
 
