@@ -20,7 +20,7 @@ import timm
 import yaml
 
 import timm_posattn  # noqa: F401  registers vit_posattn_*
-from timm_posattn import hub, publish, releases
+from timm_posattn import hub, model_card, publish, releases
 
 MODEL = 'vit_posattn_tiny_patch4_32'
 REPO_ID = 'test-org/vit_posattn_tiny_patch4_32.structured'
@@ -441,12 +441,12 @@ def test_no_ema_publishes_plain_weights_without_the_ema_accuracy(run_dir, tmp_pa
 
 
 def test_dataset_facts_for_the_card():
-    cifar100 = publish.dataset_info('torch/cifar100', 100)
+    cifar100 = model_card.dataset_info('torch/cifar100', 100)
     assert cifar100['hub_id'] == 'cifar100' and len(set(cifar100['label_names'])) == 100
-    imagenet = publish.dataset_info('in1k', 1000)  # an ImageFolder run published with the .in1k tag
+    imagenet = model_card.dataset_info('in1k', 1000)  # an ImageFolder run published with the .in1k tag
     assert imagenet['hub_id'] == 'imagenet-1k' and imagenet['label_names'][0] == 'n01440764'
-    assert publish.dataset_info('torch/cifar10', 5)['label_names'] is None  # relabelled subset: no wrong names
-    unknown = publish.dataset_info('hfds/someone/flowers', 7)
+    assert model_card.dataset_info('torch/cifar10', 5)['label_names'] is None  # relabelled subset: no wrong names
+    unknown = model_card.dataset_info('hfds/someone/flowers', 7)
     assert unknown['hub_id'] is None and unknown['label_names'] is None and unknown['title'] == 'hfds/someone/flowers'
 
 
@@ -455,22 +455,22 @@ def test_card_names_the_attention_and_compares_with_the_twin(published):
     config = dict(json.loads((out / 'config.json').read_text()), num_classes=10)  # as if trained on CIFAR-10
     rows = [dict(epoch=0.0, eval_top1=60.0, eval_top5=100.0), dict(epoch=1.0, eval_top1=70.0, eval_top5=100.0)]
     twin_rows = [dict(epoch=0.0, eval_top1=65.0, eval_top5=100.0), dict(epoch=1.0, eval_top1=55.0, eval_top5=100.0)]
-    result = publish.select_result(rows, 1)
-    twin = publish.select_result(twin_rows, None, like=(result, rows))
+    result = model_card.select_result(rows, 1)
+    twin = model_card.select_result(twin_rows, None, like=(result, rows))
     assert result['selection'] == 'final' and twin['eval_top1'] == 55.0  # the twin's final epoch, not its best
     info = dict(args={}, checkpoint='c.pth.tar', epoch=1, weights='state_dict')
     stats = dict(params_m=1.0, gmacs=0.1, gmacs_uncached=0.2)
     arch = dict(depth=2, embed_dim=192, num_heads=12, mlp_hidden=192, patch_size=(4, 4), positional_blocks=[0, 1])
-    common = dict(template=publish.find_card_template(MODEL), model_name=MODEL, config=config, info=info, stats=stats,
-                  result=result, dataset=publish.dataset_info('torch/cifar10', 10))
-    card = publish.render_model_card(twin=twin, architecture=arch, **common)
+    common = dict(template=model_card.find_card_template(MODEL), model_name=MODEL, config=config, info=info, stats=stats,
+                  result=result, dataset=model_card.dataset_info('torch/cifar10', 10))
+    card = model_card.render_model_card(twin=twin, architecture=arch, **common)
     assert '**positional attention** in every block' in card
     assert '| standard-attention twin | 55.00 | 100.00 | 1 |' in card and '| 70.00 |' in card
     assert '- cifar10' in card  # Hub dataset id in the metadata
     meta, _ = _front_matter(card)
     assert [m['value'] for m in meta['model-index'][0]['results'][0]['metrics']] == [70.0, 100.0]  # top-5: 10 classes
-    two_class = publish.render_model_card(twin=twin, architecture=arch,
+    two_class = model_card.render_model_card(twin=twin, architecture=arch,
                                           **dict(common, config=dict(config, num_classes=2)))
     assert '| standard-attention twin | 55.00 | n/a | 1 |' in two_class
-    twin_card = publish.render_model_card(twin=None, architecture=dict(arch, positional_blocks=[]), **common)
+    twin_card = model_card.render_model_card(twin=None, architecture=dict(arch, positional_blocks=[]), **common)
     assert '**standard attention** in every block' in twin_card and 'itself the standard-attention twin' in twin_card
