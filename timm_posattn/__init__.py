@@ -11,4 +11,8 @@ from .vit_posattn import (
     resolve_pos_attn_layers,
 )
 
+__all__ = [
+    'PositionalAttention', 'PositionalBlock', 'VisionTransformerPosAttn', 'checkpoint_filter_fn',
+    'resolve_pos_attn_layers',
+]
 __version__ = '0.1.0'
