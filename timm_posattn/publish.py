@@ -79,8 +79,8 @@ def load_train_checkpoint(path: str, use_ema: bool = True) -> Tuple[Dict[str, to
     return clean_state_dict(ckpt[weights]), info
 
 
-def build_source_model(model_name: str, state_dict: Dict[str, torch.Tensor], args: Dict[str, Any]) -> torch.nn.Module:
-    """Rebuild the trained model from its train.py arguments and load the weights strictly."""
+def source_model_args(args: Dict[str, Any], state_dict: Dict[str, torch.Tensor]) -> Dict[str, Any]:
+    """The model kwargs a train.py run used: what `create_model` needs to rebuild it (and config.json's model_args)."""
     kwargs = {k: args[k] for k in _MODEL_ARG_KEYS if args.get(k) is not None}
     if args.get('input_size'):
         kwargs['in_chans'] = args['input_size'][0]
@@ -90,6 +90,11 @@ def build_source_model(model_name: str, state_dict: Dict[str, torch.Tensor], arg
     kwargs.update(args.get('model_kwargs') or {})
     if 'num_classes' not in kwargs and 'head.weight' in state_dict:
         kwargs['num_classes'] = state_dict['head.weight'].shape[0]
+    return kwargs
+
+
+def build_source_model(model_name: str, state_dict: Dict[str, torch.Tensor], kwargs: Dict[str, Any]) -> torch.nn.Module:
+    """Rebuild the trained model with its model kwargs and load the weights strictly."""
     model = timm.create_model(model_name, pretrained=False, **kwargs)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     if missing or unexpected:
@@ -161,16 +166,17 @@ def _describe_device(device: str) -> str:
 
 
 def export_folder(model: torch.nn.Module, folder: Path, data_config: Dict[str, Any],
-                  model_config: Dict[str, Any]) -> None:
+                  model_config: Dict[str, Any], model_args: Dict[str, Any]) -> None:
     """Write timm's Hub format (model.safetensors + config.json) into ``folder``.
 
     The preprocessing also goes in as pretrained_cfg overrides, so timm versions whose save_for_hf has no
-    ``data_config`` argument still record it.
+    ``data_config`` argument still record it; the model kwargs are passed explicitly, since timm before 1.0.31 does
+    not record them itself (a Hub load would otherwise rebuild the entrypoint's defaults, e.g. another depth).
     """
     overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in data_config.items() if k in _CFG_DATA_KEYS}
     model_config = dict(model_config, pretrained_cfg={**overrides, **model_config.get('pretrained_cfg', {})})
     extra = {'data_config': data_config} if 'data_config' in inspect.signature(save_for_hf).parameters else {}
-    save_for_hf(model, folder, model_config=model_config, safe_serialization=True, **extra)
+    save_for_hf(model, folder, model_config=model_config, model_args=model_args, safe_serialization=True, **extra)
 
 
 def verify_folder(folder: Path, source: torch.nn.Module, atol: float = 1e-5, seed: int = 0) -> float:
@@ -288,7 +294,8 @@ def publish(checkpoint: str, model_name: str, out: str, repo_id: Optional[str] =
     if info['arch'] and split_model_name_tag(info['arch'])[0] != architecture:
         raise ValueError(f"Checkpoint was trained as {info['arch']!r}, not {architecture!r} (--model).")
     args = info['args']
-    source = build_source_model(model_name, state_dict, args)
+    model_args = source_model_args(args, state_dict)
+    source = build_source_model(model_name, state_dict, model_args)
     data_config = data_config_from_args(args)
 
     rows = read_summary(results) if results else []
@@ -319,7 +326,7 @@ def publish(checkpoint: str, model_name: str, out: str, repo_id: Optional[str] =
         if label_names:
             model_config['label_names'] = list(label_names)
             model_config['pretrained_cfg']['label_names'] = list(label_names)
-        export_folder(source, tmp, data_config, model_config)
+        export_folder(source, tmp, data_config, model_config, model_args)
         config = json.loads((tmp / 'config.json').read_text())
         weights_file = tmp / hub.WEIGHTS_NAME
         weights_sha256 = hub.sha256_file(weights_file)
