@@ -402,3 +402,38 @@ def test_partial_checkpoint_is_not_loaded_silently(tmp_path):
     with pytest.raises(RuntimeError, match='Missing key.*blocks.1.mlp.fc1.weight'):
         timm.create_model(SMALL, depth=3, num_classes=5, pretrained=True,
                           pretrained_cfg_overlay=dict(file=path, num_classes=5))
+
+
+def test_local_pos_attn_init_starts_near_softmax_of_beta_identity():
+    """pos_attn_init='local': every positional head starts with self logit ~beta, i.e. A ~ softmax(beta·I)."""
+    n = 1 + 64
+    for beta in (1.0, 2.0):
+        model = _small(pos_attn_init='local', pos_attn_init_scale=beta)
+        maps = model.get_attention_maps()
+        diag = maps.diagonal(dim1=-2, dim2=-1).mean().item()
+        expected = math.exp(beta) / (math.exp(beta) + n - 1)
+        assert abs(diag - expected) < 0.25 * expected, (beta, diag, expected)
+        for i in model.pos_attn_indices:
+            qk = model.blocks[i].attn.qk
+            assert torch.equal(qk.weight[:192], qk.weight[192:]) and (qk.bias == 0).all()
+    uniform = _small().get_attention_maps().diagonal(dim1=-2, dim2=-1).mean().item()
+    assert abs(uniform - 1 / n) < 0.2 / n  # the default random init starts near uniform
+
+
+def test_local_pos_attn_init_leaves_everything_else_as_default():
+    """The option only rewrites the positional Q/K weights; the default stays bit-identical to no option."""
+    torch.manual_seed(3)
+    default = _small().state_dict()
+    torch.manual_seed(3)
+    explicit = _small(pos_attn_init='random').state_dict()
+    torch.manual_seed(3)
+    local = _small(pos_attn_init='local').state_dict()
+    assert all(torch.equal(default[k], explicit[k]) for k in default)
+    changed = {k for k in default if not torch.equal(default[k], local[k])}
+    assert changed == {f'blocks.{i}.attn.qk.weight' for i in range(3)}  # timm's init already zeroes the bias
+    standard = _small(pos_attn_init='local', pos_attn_layers='none')  # no positional blocks: nothing to do
+    assert standard.pos_attn_indices == []
+    with pytest.raises(ValueError, match="'random' or 'local'"):
+        _small(pos_attn_init='identity')
+    with pytest.raises(ValueError, match='pos_attn_norm'):
+        _small(pos_attn_init='local', pos_attn_norm=False)

@@ -252,6 +252,8 @@ class VisionTransformerPosAttn(nn.Module):
             class_token: bool = True,
             pos_attn_layers: PosAttnLayers = 'all',
             pos_attn_norm: bool = True,
+            pos_attn_init: str = 'random',
+            pos_attn_init_scale: float = 1.0,
             fc_norm: Optional[bool] = None,
             dynamic_img_size: bool = False,
             dynamic_img_pad: bool = False,
@@ -285,6 +287,10 @@ class VisionTransformerPosAttn(nn.Module):
             class_token: Use a class token (its position is the first row of the positional table).
             pos_attn_layers: Blocks with positional attention: 'all', 'none', first k, or a list of indices.
             pos_attn_norm: LayerNorm the positional table in each positional block before Q/K.
+            pos_attn_init: Init of the positional Q/K: 'random' (timm's ViT init: attention starts near uniform) or
+                'local' (Wq = Wk = a per-head identity, so each position first attends mostly to itself, the
+                paper's local init that its simplified model needs to learn own-set patch association).
+            pos_attn_init_scale: beta of the 'local' init: the self logit each head starts with (needs pos_attn_norm).
             fc_norm: Norm after pooling instead of before (default: True for avg pooling).
             dynamic_img_size: Accept any input size: positional table resampled and attention recomputed per grid.
             dynamic_img_pad: Pad inputs not divisible by the patch size (only with dynamic_img_size).
@@ -322,6 +328,12 @@ class VisionTransformerPosAttn(nn.Module):
         self.dynamic_img_size = dynamic_img_size
         self.grad_checkpointing = False
         self.pos_attn_indices = resolve_pos_attn_layers(pos_attn_layers, depth)
+        if pos_attn_init not in ('random', 'local'):
+            raise ValueError(f"pos_attn_init must be 'random' or 'local', got {pos_attn_init!r}")
+        if pos_attn_init == 'local' and not pos_attn_norm:
+            raise ValueError("pos_attn_init='local' needs pos_attn_norm=True (it relies on unit-variance LN(P) rows)")
+        self.pos_attn_init = pos_attn_init
+        self.pos_attn_init_scale = float(pos_attn_init_scale)
 
         embed_args = {}
         if dynamic_img_size:
@@ -383,6 +395,21 @@ class VisionTransformerPosAttn(nn.Module):
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=1e-6)
         named_apply(get_init_weights_vit(mode, head_bias, needs_reset=needs_reset), self)
+        if self.pos_attn_init == 'local':
+            self._init_local_pos_attn(self.pos_attn_init_scale)
+
+    @torch.no_grad()
+    def _init_local_pos_attn(self, beta: float) -> None:
+        """Wq = Wk = sqrt(beta / sqrt(d_head))·I, no Q/K bias: with unit-variance LN(P) rows head h's self logit is
+        (1/sqrt(d_head))·(beta/sqrt(d_head))·|LN(P)_i[h]|^2 ~ beta, the other logits ~ N(0, beta^2 / d_head)."""
+        for i in self.pos_attn_indices:
+            qk = self.blocks[i].attn.qk
+            head_dim = self.blocks[i].attn.head_dim
+            dim = qk.in_features
+            eye = torch.eye(dim, device=qk.weight.device, dtype=qk.weight.dtype) * math.sqrt(beta / math.sqrt(head_dim))
+            qk.weight.copy_(torch.cat([eye, eye], dim=0))
+            if qk.bias is not None:
+                qk.bias.zero_()
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
