@@ -41,7 +41,7 @@ from timm.layers import (
     resample_abs_pos_embed,
     resample_patch_embed,
 )
-from timm.models import build_model_with_cfg, checkpoint, checkpoint_seq, generate_default_cfgs, named_apply, \
+from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, named_apply, \
     register_model
 from timm.models.vision_transformer import Block, get_init_weights_vit, global_pool_nlc
 
