@@ -437,3 +437,23 @@ def test_local_pos_attn_init_leaves_everything_else_as_default():
         _small(pos_attn_init='identity')
     with pytest.raises(ValueError, match='pos_attn_norm'):
         _small(pos_attn_init='local', pos_attn_norm=False)
+
+
+def test_bf16_autocast_trains_and_keeps_eval_cache_per_precision():
+    model = _small(depth=2)
+    x = torch.randn(2, 3, 32, 32)
+    ref = model(x)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = model(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)
+    out.float().sum().backward()
+    assert model.blocks[0].attn.qk.weight.grad.dtype == torch.float32
+    model.eval()
+    with torch.no_grad():
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            model(x)
+        assert model._attn_cache[0][1] is True
+        full = model(x)  # leaving autocast must not reuse the bf16-computed attention
+    assert model._attn_cache[0][1] is False and model._attn_cache[1][0].dtype == torch.float32
+    torch.testing.assert_close(full, ref.detach(), rtol=1e-5, atol=1e-5)
