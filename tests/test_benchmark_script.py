@@ -26,13 +26,7 @@ def _load_script():
 throughput = _load_script()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: the tests share a small, busy machine; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def _check_row(row, mode, batch_size):

@@ -3,17 +3,11 @@ import json
 import os
 
 import pytest
-import torch
 
 from timm_posattn.paper import main
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def _png_size(path):

@@ -9,13 +9,7 @@ from timm_posattn.structured import (
     decode_image_to_patches, encode_patches_to_image, make_structure, orthogonal_feature, sample_structured,
 )
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices: one thread is fastest and keeps timings stable on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 CFG = StructuredConfig(num_patches=16, num_sets=4, patch_dim=12, q=0.5, sigma=0.3, seed=3)
