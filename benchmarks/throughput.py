@@ -63,6 +63,14 @@ timm_posattn = _import_posattn()
 has_posattn = timm_posattn is not None
 
 
+def cpu_name() -> str:
+    """The CPU's model name: the package's helper when it imports, else what `platform` knows."""
+    if has_posattn:
+        from timm_posattn.machine import cpu_name as package_cpu_name
+        return package_cpu_name()
+    return platform.processor() or platform.machine()
+
+
 DEFAULT_MODELS = ('vit_posattn_small_patch16_224', 'vit_posattn_small_patch4_32')
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 MODES = ('infer', 'train')
@@ -493,15 +501,9 @@ def benchmark_pair(
 
 def environment(argv: Sequence[str]) -> Dict[str, Any]:
     """What the numbers depend on: the command line, machine, threads, library versions."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open('/proc/cpuinfo') as f:
-            cpu = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
-    except (OSError, StopIteration):
-        pass
     env = dict(
         command=' '.join(['python', os.path.relpath(__file__)] + list(argv)),
-        cpu=cpu,
+        cpu=cpu_name(),
         cpu_count=os.cpu_count(),
         num_threads=torch.get_num_threads(),
         torch=torch.__version__,

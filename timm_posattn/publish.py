@@ -14,7 +14,6 @@ import inspect
 import json
 import logging
 import os
-import platform
 import shutil
 import tempfile
 import time
@@ -27,6 +26,7 @@ from timm.models import save_for_hf, split_model_name_tag
 from timm.models import clean_state_dict
 
 from . import hub
+from .machine import cpu_name
 from .model_card import (
     DATASETS, _check_result_matches_checkpoint, dataset_info, describe_architecture, find_card_template, read_summary,
     render_model_card, select_result,
@@ -156,13 +156,7 @@ def measure_model(model: torch.nn.Module, input_size: Sequence[int], device: str
 def _describe_device(device: str) -> str:
     if device.startswith('cuda'):
         return f'{torch.cuda.get_device_name(device)} (fp32, torch {torch.__version__})'
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open('/proc/cpuinfo') as f:
-            cpu = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
-    except (OSError, StopIteration):
-        pass
-    return f'CPU {cpu}, {torch.get_num_threads()} threads (fp32, torch {torch.__version__})'
+    return f'CPU {cpu_name()}, {torch.get_num_threads()} threads (fp32, torch {torch.__version__})'
 
 
 def export_folder(model: torch.nn.Module, folder: Path, data_config: Dict[str, Any],
