@@ -39,6 +39,7 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 
 import timm_posattn  # noqa: F401  registers the vit_posattn_* models with timm
 from timm_posattn.data import DatasetError, create_dataset, is_structured
+from timm_posattn.files import atomic_write
 from timm_posattn.structured import STRUCTURED_MEAN, STRUCTURED_STD
 
 _logger = logging.getLogger('train')
@@ -307,13 +308,8 @@ def plain_args(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def atomic_write_text(path: str, text: str) -> None:
-    """Write text via a temp file in the same folder and ``os.replace``, so readers never see half a file."""
-    tmp = f'{path}.tmp'
-    with open(tmp, 'w', encoding='utf-8') as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write text so that readers never see half a file."""
+    atomic_write(path, lambda f: f.write(text.encode('utf-8')))
 
 
 class AtomicCheckpointSaver(utils.CheckpointSaver):
@@ -341,17 +337,7 @@ class AtomicCheckpointSaver(utils.CheckpointSaver):
             save_state['metric'] = metric
         if hasattr(self, 'state_dict'):  # timm >= 1.0.28 keeps its checkpoint history across resumes
             save_state['saver'] = self.state_dict(epoch, metric)
-        tmp_path = save_path + '.partial'
-        try:
-            with open(tmp_path, 'wb') as f:
-                torch.save(save_state, f)
-                f.flush()
-                os.fsync(f.fileno())
-        except BaseException:
-            if os.path.exists(tmp_path):
-                os.unlink(tmp_path)
-            raise
-        os.replace(tmp_path, save_path)
+        atomic_write(save_path, lambda f: torch.save(save_state, f))
 
     def _replace(self, src, dst):
         os.replace(src, dst)  # atomic on POSIX and Windows; never leaves dst missing
@@ -585,13 +571,7 @@ def report_attention(model: nn.Module, dataset, output_dir: str, args: argparse.
         except ImportError:
             _logger.warning('timm_posattn.visualize is not available: no attention plot saved.')
             return assoc
-        path = os.path.join(output_dir, 'attention.png')
-        tmp = os.path.join(output_dir, '.attention.partial.png')
-        save_attention_plot(model, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # an ordinary file for the user, whatever temp mode the plotter used
-        os.replace(tmp, path)
+        path = save_attention_plot(model, os.path.join(output_dir, 'attention.png'))  # written atomically
         print(f'Attention plot: {path}', flush=True)
     return assoc
 

@@ -58,7 +58,7 @@ def test_structured_run_learns_and_writes_outputs(structured_run):
     exp, first_ckpt, first_summary, _ = structured_run
     for name in ('args.yaml', 'summary.csv', 'last.pth.tar', 'model_best.pth.tar', 'attention.png'):
         assert (exp / name).is_file(), name
-    assert not list(exp.glob('*.partial')) and not list(exp.glob('*.tmp'))
+    assert not list(exp.glob('*.partial')) and not list(exp.glob('*.tmp')) and not list(exp.glob('.tmp_*'))
     rows = read_summary(exp / 'summary.csv')
     assert [int(r['epoch']) for r in rows] == [0, 1]
     assert {'train_loss', 'eval_loss', 'eval_top1', 'eval_top5', 'lr'} <= set(rows[0])

@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Dict, List, Optional, Sequence
@@ -20,6 +19,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from .association import association_metrics
+from .files import atomic_write
 from .simplified import INITS, SimplifiedPositionalModel, accuracy, train_fixed, train_online
 from .structured import StructuredConfig, make_structure, orthogonal_feature, sample_structured
 
@@ -67,29 +67,14 @@ TRANSFER_NS = dict(full=[4, 8, 16, 32, 64, 128, 256], quick=[4, 16, 64, 256])
 TRANSFER_SEEDS = dict(full=5, quick=3)
 
 
-def _atomic_write_bytes(path: str, write_fn):
-    """Write through a temp file in the same directory, then os.replace, so a crash never leaves half a file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix='.tmp_', suffix=os.path.splitext(path)[1])
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            write_fn(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
-
-
 def _write_json(path: str, data) -> str:
-    return _atomic_write_bytes(path, lambda f: f.write(json.dumps(data, indent=2).encode('utf-8')))
+    return atomic_write(path, lambda f: f.write(json.dumps(data, indent=2).encode('utf-8')))
 
 
 def _save_figure(fig, path: str) -> str:
     import matplotlib.pyplot as plt
     try:
-        return _atomic_write_bytes(path, lambda f: fig.savefig(f, format='png', dpi=120, bbox_inches='tight'))
+        return atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=120, bbox_inches='tight'))
     finally:
         plt.close(fig)
 

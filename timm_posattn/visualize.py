@@ -10,7 +10,6 @@ Positional attention depends only on the positional encodings, so no image is ne
 """
 import argparse
 import os
-import tempfile
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -20,6 +19,7 @@ from timm.models import load_state_dict
 from timm.utils import ParseKwargs
 
 import timm_posattn  # noqa: F401  (registers the vit_posattn_* models with timm)
+from timm_posattn.files import atomic_write
 
 __all__ = ['load_model', 'save_attention_plot', 'resolve_query_patches', 'main']
 
@@ -155,20 +155,10 @@ def save_attention_plot(
     fig.suptitle(f'{type(model).__name__} positional attention on the {grid[0]}x{grid[1]} patch grid '
                  f'(red: query patch; each map is one attention row)', fontsize=9)
     fig.tight_layout()
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix='.tmp_', suffix='.png')
     try:
-        with os.fdopen(fd, 'wb') as f:
-            fig.savefig(f, format='png', dpi=110)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+        return atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=110))
     finally:
         plt.close(fig)
-    return path
 
 
 def _parse_query(value: str) -> QueryPatch:
