@@ -46,6 +46,7 @@ from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs,
 from timm.models.vision_transformer import Block, get_init_weights_vit, global_pool_nlc
 
 from .releases import hub_cfg
+from .structured import STRUCTURED_MEAN, STRUCTURED_STD
 
 __all__ = ['VisionTransformerPosAttn', 'PositionalAttention', 'PositionalBlock']
 
@@ -793,7 +794,6 @@ def _create_vit_posattn(variant: str, pretrained: bool = False, **kwargs) -> Vis
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 SVHN_MEAN, SVHN_STD = (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)
-STRUCTURED_MEAN, STRUCTURED_STD = (0.5, 0.5, 0.5), (1 / 6, 1 / 6, 1 / 6)
 
 
 def _cfg(name: str = '', **kwargs) -> Dict[str, Any]:
