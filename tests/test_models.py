@@ -9,7 +9,8 @@ import timm
 from safetensors.torch import save_file
 
 import timm_posattn  # noqa: F401  (registers the models)
-from timm_posattn.vit_posattn import PositionalAttention, PositionalBlock, StandardBlock, apply_positional_attention
+from timm_posattn.vit_posattn import (
+    PositionalAttention, PositionalBlock, StandardBlock, apply_positional_attention, positional_attention_proj)
 
 FULL_NAMES = [
     'vit_posattn_tiny_patch16_224', 'vit_posattn_small_patch16_224', 'vit_posattn_base_patch16_224',
@@ -125,6 +126,76 @@ def test_apply_positional_attention_layout():
     v = torch.randn(4, 7, 3 * 5)
     ref = torch.einsum('hnm,bmhd->bnhd', a, v.view(4, 7, 3, 5)).reshape(4, 7, 15)
     torch.testing.assert_close(apply_positional_attention(a, v, 3), ref)
+
+
+def _attention_grads(attn_module, x, attn, recompute):
+    attn_module.recompute_attn_out = recompute
+    x, attn = x.clone().requires_grad_(), attn.clone().requires_grad_()
+    out = attn_module(x, attn)
+    out.backward(torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out))
+    grads = [x.grad, attn.grad] + [p.grad for p in (attn_module.v.weight, attn_module.proj.weight)]
+    grads += [] if attn_module.proj.bias is None else [attn_module.proj.bias.grad]
+    attn_module.zero_grad(set_to_none=True)
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize('proj_bias', [True, False])
+def test_recomputing_attention_output_gives_autograd_gradients(proj_bias):
+    attn_module = PositionalAttention(24, num_heads=3, proj_bias=proj_bias, dtype=torch.float64)
+    x, attn = torch.randn(4, 9, 24, dtype=torch.float64), torch.softmax(torch.randn(3, 9, 9, dtype=torch.float64), -1)
+    out_ref, grads_ref = _attention_grads(attn_module, x, attn, recompute=False)
+    out, grads = _attention_grads(attn_module, x, attn, recompute=True)
+    torch.testing.assert_close(out, out_ref)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref)
+
+
+def test_recomputing_attention_output_gradcheck_and_double_backward():
+    args = (torch.softmax(torch.randn(2, 5, 5, dtype=torch.float64), -1), torch.randn(3, 5, 4, dtype=torch.float64),
+            torch.randn(4, 4, dtype=torch.float64), torch.randn(4, dtype=torch.float64))
+    args = tuple(a.requires_grad_() for a in args)
+    fn = lambda a, v, w, b: positional_attention_proj(a, v, w, b, 2)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, args)
+    assert torch.autograd.gradgradcheck(fn, args)
+
+
+def _saved_bytes(fn):
+    """Bytes of distinct storages autograd keeps for backward while `fn` runs."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def test_recomputing_attention_output_stores_one_activation_less():
+    block = PositionalBlock(32, num_heads=4)
+    x, attn = torch.randn(6, 10, 32), torch.softmax(torch.randn(4, 10, 10), -1).requires_grad_()
+    block.attn.recompute_attn_out = False
+    stored = _saved_bytes(lambda: block(x, attn))
+    block.attn.recompute_attn_out = True
+    recomputed = _saved_bytes(lambda: block(x, attn))
+    assert stored - recomputed == x.numel() * x.element_size()
+    with torch.no_grad():  # no autograd, nothing to save: the plain path
+        assert _saved_bytes(lambda: block(x, attn)) == 0
+
+
+def test_recomputing_attention_output_under_bf16_autocast():
+    attn_module = PositionalAttention(24, num_heads=3)
+    x, attn = torch.randn(4, 9, 24), torch.softmax(torch.randn(3, 9, 9), -1)
+    results = []
+    for recompute in (False, True):
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            out, grads = _attention_grads(attn_module, x, attn, recompute)
+        assert out.dtype == torch.bfloat16
+        assert [g.dtype for g in grads] == [torch.float32] * len(grads)
+        results.append((out, grads))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    for g, g_ref in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(g, g_ref, rtol=0.02, atol=0.02)
 
 
 def test_attention_maps_need_no_image():

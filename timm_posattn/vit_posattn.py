@@ -71,6 +71,88 @@ def apply_positional_attention(attn: torch.Tensor, v: torch.Tensor, num_heads: i
     return x.view(num_heads, N, B, head_dim).permute(2, 1, 0, 3).reshape(B, N, C)
 
 
+class _PositionalAttentionProj(torch.autograd.Function):
+    """`proj(apply_positional_attention(attn, v))` that stores no attention output for backward.
+
+    Autograd would keep the mixed tokens A·V (B, N, C) alive for the projection's weight gradient. Here A is shared
+    by the whole batch and already saved, so backward recomputes A·V with one bmm (under 2% of a CPU training step)
+    and each positional block stores one (B, N, C) activation less. The backward uses plain differentiable ops, so
+    double backward works. All matmuls run in the dtype of `v` (the autocast compute dtype when autocast is on).
+    """
+
+    @staticmethod
+    def forward(
+            attn: torch.Tensor,
+            v: torch.Tensor,
+            weight: torch.Tensor,
+            bias: Optional[torch.Tensor],
+            num_heads: int,
+    ) -> torch.Tensor:
+        x = apply_positional_attention(attn, v, num_heads)
+        return nn.functional.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        attn, v, weight, bias, num_heads = inputs
+        ctx.num_heads = num_heads
+        ctx.has_bias = bias is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.save_for_backward(attn, v, weight)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        attn, v, weight = ctx.saved_tensors
+        device_type = v.device.type
+        if device_type in ('cpu', 'cuda') and torch.is_autocast_enabled(device_type):
+            with torch.autocast(device_type, enabled=False):  # keep the forward's compute dtype
+                grads = _positional_attention_proj_backward(ctx, grad_out, attn, v, weight)
+        else:
+            grads = _positional_attention_proj_backward(ctx, grad_out, attn, v, weight)
+        return grads + (None,)
+
+
+def _positional_attention_proj_backward(
+        ctx: Any,
+        grad_out: torch.Tensor,
+        attn: torch.Tensor,
+        v: torch.Tensor,
+        weight: torch.Tensor,
+) -> Tuple[Optional[torch.Tensor], ...]:
+    """Gradients of `_PositionalAttentionProj` for (attn, v, weight, bias), computed in the dtype of `v`."""
+    H = ctx.num_heads
+    B, N, C = v.shape
+    d = C // H
+    dtype = v.dtype
+    grad_out = grad_out.to(dtype)
+    attn_c = attn.to(dtype)
+    v_heads = v.view(B, N, H, d).permute(2, 1, 0, 3).reshape(H, N, B * d)
+    grad_attn = grad_v = grad_weight = grad_bias = None
+    if ctx.needs_input_grad[2]:
+        x = torch.bmm(attn_c, v_heads).view(H, N, B, d).permute(2, 1, 0, 3).reshape(B * N, C)  # the recompute
+        grad_weight = (grad_out.reshape(B * N, C).t() @ x).to(weight.dtype)
+    if ctx.has_bias and ctx.needs_input_grad[3]:
+        grad_bias = grad_out.sum(dim=(0, 1), dtype=ctx.bias_dtype)
+    if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+        grad_x = (grad_out @ weight.to(dtype)).view(B, N, H, d).permute(2, 1, 0, 3).reshape(H, N, B * d)
+        if ctx.needs_input_grad[0]:
+            grad_attn = torch.bmm(grad_x, v_heads.transpose(1, 2)).to(attn.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_v = torch.bmm(attn_c.transpose(1, 2), grad_x).view(H, N, B, d).permute(2, 1, 0, 3).reshape(B, N, C)
+    return grad_attn, grad_v, grad_weight, grad_bias
+
+
+@torch.jit.unused
+def positional_attention_proj(
+        attn: torch.Tensor,
+        v: torch.Tensor,
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        num_heads: int,
+) -> torch.Tensor:
+    """`linear(apply_positional_attention(attn, v), weight, bias)` that recomputes A·V in backward, not stores it."""
+    return _PositionalAttentionProj.apply(attn, v, weight, bias, num_heads)
+
+
 class PositionalAttention(nn.Module):
     """Multi-head attention whose attention matrix is a function of the positional table only."""
 
@@ -111,6 +193,8 @@ class PositionalAttention(nn.Module):
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
+        # Recompute A·V in backward rather than store it: one (B, N, C) activation less per block, one extra bmm.
+        self.recompute_attn_out = True
 
     def attention_matrix(self, pos: torch.Tensor) -> torch.Tensor:
         """Attention of every head from the positional table: (N, C) or (1, N, C) -> (H, N, N), rows sum to 1."""
@@ -118,9 +202,24 @@ class PositionalAttention(nn.Module):
         q, k = self.qk(self.pos_norm(pos)).reshape(N, 2, self.num_heads, self.head_dim).permute(1, 2, 0, 3).unbind(0)
         return ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
 
+    @torch.jit.unused
+    def _recompute_mix(self) -> bool:
+        """Use the memory-saving autograd path: eager autograd with a plain Linear projection.
+
+        FX and torch.compile trace the plain ops instead (torch.compile plans its own recomputation).
+        """
+        if _is_fx_tracing() or torch.compiler.is_compiling():
+            return False
+        return self.recompute_attn_out and torch.is_grad_enabled() and type(self.proj) is nn.Linear
+
     def forward(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        x = apply_positional_attention(self.attn_drop(attn), self.v(x), self.num_heads)
-        return self.proj_drop(self.proj(x))
+        attn = self.attn_drop(attn)
+        v = self.v(x)
+        if not torch.jit.is_scripting() and self._recompute_mix():
+            x = positional_attention_proj(attn, v, self.proj.weight, self.proj.bias, self.num_heads)
+        else:
+            x = self.proj(apply_positional_attention(attn, v, self.num_heads))
+        return self.proj_drop(x)
 
 
 class PositionalBlock(nn.Module):
