@@ -66,8 +66,8 @@ def apply_positional_attention(attn: torch.Tensor, v: torch.Tensor, num_heads: i
     """
     B, N, C = v.shape
     head_dim = C // num_heads
-    v = v.view(B, N, num_heads, head_dim).permute(2, 1, 0, 3).reshape(num_heads, N, B * head_dim)
-    x = torch.bmm(attn.to(v.dtype), v)
+    # the head-major copy of v is a temporary, freed as soon as the bmm returns
+    x = torch.bmm(attn.to(v.dtype), v.view(B, N, num_heads, head_dim).permute(2, 1, 0, 3).reshape(num_heads, N, -1))
     return x.view(num_heads, N, B, head_dim).permute(2, 1, 0, 3).reshape(B, N, C)
 
 
@@ -214,11 +214,11 @@ class PositionalAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         attn = self.attn_drop(attn)
-        v = self.v(x)
+        # self.v(x) is passed straight on, never bound to a name: the values are freed as soon as they are mixed
         if not torch.jit.is_scripting() and self._recompute_mix():
-            x = positional_attention_proj(attn, v, self.proj.weight, self.proj.bias, self.num_heads)
+            x = positional_attention_proj(attn, self.v(x), self.proj.weight, self.proj.bias, self.num_heads)
         else:
-            x = self.proj(apply_positional_attention(attn, v, self.num_heads))
+            x = self.proj(apply_positional_attention(attn, self.v(x), self.num_heads))
         return self.proj_drop(x)
 
 
