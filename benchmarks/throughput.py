@@ -425,7 +425,7 @@ def benchmark_pair(
         dtype: str = 'float32',
         batch_size: Optional[int] = None,
         warmup: int = 1,
-        repeats: int = 3,
+        repeats: int = 5,
         iters: int = 1,
         compile_model: bool = False,
         measure_memory: bool = True,
@@ -581,7 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--modes', nargs='+', default=list(MODES), choices=MODES, help='infer and/or train')
     parser.add_argument('--warmup', type=int, default=None,
                         help='untimed steps per model and mode (default: 1 on cpu, 5 on cuda; +1 with --compile)')
-    parser.add_argument('--repeats', type=int, default=3, help='timed repeats, the median is reported (default: 3)')
+    parser.add_argument('--repeats', type=int, default=5, help='timed repeats, the median is reported (default: 5)')
     parser.add_argument('--iters', type=int, default=None,
                         help='steps per timed repeat (default: 1 on cpu, 20 on cuda)')
     parser.add_argument('--compile', action='store_true', help='torch.compile both models')
