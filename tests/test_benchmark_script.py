@@ -182,3 +182,37 @@ def test_positional_attention_needs_fewer_flops():
     baseline, _ = throughput.create_baseline(TINY, model, 'timm', TINY_KWARGS)
     for mode in ('infer', 'train'):
         assert throughput.step_flops(model, mode, 4) < throughput.step_flops(baseline, mode, 4)
+
+
+def _load_layout_script():
+    path = os.path.join(os.path.dirname(SCRIPT), 'attention_layout.py')
+    spec = importlib.util.spec_from_file_location('attention_layout', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_attention_layout_script_checks_variants_and_writes_rows(tmp_path):
+    layout = _load_layout_script()
+    out = tmp_path / 'layout.json'
+    rows = layout.main(['-b', '3', '--tokens', '5', '--dim', '8', '--heads', '2', '--warmup', '1', '--repeats', '2',
+                        '--json', str(out)])
+    names = list(layout.make_variants(2))
+    assert [(r['variant'], r['mode']) for r in rows] == [(n, m) for m in ('infer', 'train') for n in names]
+    for row in rows:
+        assert row['ms'] > 0 and len(row['seconds_per_repeat']) == 2
+        if row['variant'] == 'bmm':
+            assert row['speed_vs_bmm'] == 1.0
+    assert json.loads(out.read_text())['rows'] == rows
+    with pytest.raises(ValueError, match='divisible'):
+        layout.run(dim=10, num_heads=3)
+
+
+def test_attention_layout_variants_compute_the_same_mixing():
+    """The alternatives the script times are the same function as the model's bmm (else the timing means nothing)."""
+    layout = _load_layout_script()
+    variants = layout.make_variants(3)
+    attn, v = torch.randn(3, 7, 7).softmax(-1), torch.randn(2, 7, 12)
+    ref = torch.einsum('hnm,bmhd->bnhd', attn, v.view(2, 7, 3, 4)).reshape(2, 7, 12)
+    for name in ('bmm', 'broadcast', 'einsum', 'sdpa_bias'):
+        torch.testing.assert_close(variants[name](attn, v, None), ref, rtol=1e-5, atol=1e-5)
