@@ -5,6 +5,7 @@ through a hand-built Hugging Face cache (models--ORG--NAME/{blobs,snapshots,refs
 hf_hub_download reads when offline.
 """
 import csv
+import fnmatch
 import hashlib
 import inspect
 import json
@@ -474,3 +475,31 @@ def test_card_names_the_attention_and_compares_with_the_twin(published):
     assert '| standard-attention twin | 55.00 | n/a | 1 |' in two_class
     twin_card = model_card.render_model_card(twin=None, architecture=dict(arch, positional_blocks=[]), **common)
     assert '**standard attention** in every block' in twin_card and 'itself the standard-attention twin' in twin_card
+
+
+def test_card_templates_found_in_package_then_checkout(tmp_path, monkeypatch):
+    """A wheel ships the templates as timm_posattn/model_cards/; a checkout keeps them in model_cards/."""
+    packaged, checkout = tmp_path / 'packaged', tmp_path / 'checkout'
+    checkout.mkdir()
+    (checkout / 'vit_posattn_patch4_32.md').write_text('checkout card', encoding='utf-8')
+    monkeypatch.setattr(model_card, 'CARD_DIRS', (packaged, checkout))
+    assert model_card.find_card_template('vit_posattn_small_patch4_32') == 'checkout card'
+    packaged.mkdir()
+    (packaged / 'vit_posattn_patch4_32.md').write_text('packaged card', encoding='utf-8')
+    assert model_card.find_card_template('vit_posattn_tiny_patch4_32') == 'packaged card'
+    with pytest.raises(FileNotFoundError, match='vit_posattn_patch16_224.md not found.*--card-template'):
+        model_card.find_card_template('vit_posattn_small_patch16_224')
+
+
+def test_pyproject_ships_every_card_template():
+    """The wheel maps model_cards/ into the package: every template there must match the package-data glob."""
+    tomllib = pytest.importorskip('tomllib')  # Python >= 3.11
+    root = Path(__file__).resolve().parents[1]
+    pyproject = tomllib.loads((root / 'pyproject.toml').read_text(encoding='utf-8'))['tool']['setuptools']
+    assert pyproject['package-dir']['timm_posattn.model_cards'] == 'model_cards'
+    assert 'timm_posattn.model_cards' in pyproject['packages']
+    globs = pyproject['package-data']['timm_posattn.model_cards']
+    templates = sorted(p.name for p in (root / 'model_cards').iterdir())
+    assert templates and all(any(fnmatch.fnmatch(t, g) for g in globs) for t in templates)
+    used = {file for _, file in model_card._CARD_FAMILIES}
+    assert used <= set(templates)

@@ -14,7 +14,8 @@ import yaml
 
 
 
-CARDS_DIR = Path(__file__).resolve().parents[1] / 'model_cards'
+# The templates live in model_cards/ at the top of the repository; the wheel ships them as timm_posattn/model_cards/.
+CARD_DIRS = (Path(__file__).resolve().parent / 'model_cards', Path(__file__).resolve().parents[1] / 'model_cards')
 _CARD_FAMILIES = ((re.compile(r'_patch\d+_32$'), 'vit_posattn_patch4_32.md'),
                   (re.compile(r'.*'), 'vit_posattn_patch16_224.md'))
 NOT_MEASURED = 'not measured'
@@ -112,11 +113,11 @@ def find_card_template(architecture: str, override: Optional[str] = None) -> str
     if override:
         return Path(override).read_text(encoding='utf-8')
     name = next(file for pattern, file in _CARD_FAMILIES if pattern.search(architecture))
-    path = CARDS_DIR / name
-    if not path.is_file():
-        raise FileNotFoundError(f'Model card template {path} not found; run publish from a timm_posattn checkout '
-                                f'or pass --card-template.')
-    return path.read_text(encoding='utf-8')
+    for directory in CARD_DIRS:
+        if (directory / name).is_file():
+            return (directory / name).read_text(encoding='utf-8')
+    raise FileNotFoundError(f"Model card template {name} not found in {' or '.join(map(str, CARD_DIRS))}; "
+                            f"reinstall timm_posattn or pass --card-template.")
 
 
 def describe_architecture(model: torch.nn.Module) -> Dict[str, Any]:
