@@ -216,3 +216,17 @@ def test_attention_layout_variants_compute_the_same_mixing():
     ref = torch.einsum('hnm,bmhd->bnhd', attn, v.view(2, 7, 3, 4)).reshape(2, 7, 12)
     for name in ('bmm', 'broadcast', 'einsum', 'sdpa_bias'):
         torch.testing.assert_close(variants[name](attn, v, None), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_device_check_script_dry_run_on_cpu(tmp_path):
+    """The prepared GPU script's env and grads steps, run on the CPU (DEVICE=cpu stops before the GPU-only steps)."""
+    import subprocess
+    import sys
+    script = os.path.join(os.path.dirname(SCRIPT), 'device_check.sh')
+    env = dict(os.environ, DEVICE='cpu', OUT=str(tmp_path), PYTHON=sys.executable, OMP_NUM_THREADS='1')
+    proc = subprocess.run(['bash', script], cwd=os.path.dirname(os.path.dirname(SCRIPT)), env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = (tmp_path / 'summary.txt').read_text().split('\n')
+    assert [line.split()[:2] for line in summary if line] == [['env', 'rc=0'], ['grads', 'rc=0']]
+    assert 'grads OK' in (tmp_path / 'grads.log').read_text()
