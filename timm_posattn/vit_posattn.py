@@ -15,8 +15,10 @@ patch tokens as in timm's ViT, so the rest of the network is a standard pre-norm
 
 Because A depends on no image it is computed once per forward for the whole batch (Q/K act on N positional rows,
 not on B·N tokens) and applied with one batched matmul per block; in eval mode under no-grad it is cached and reused
-until a parameter it depends on changes. `pos_attn_layers` chooses which blocks are positional: 'all', 'none'
-(timm's ordinary attention everywhere: the standard twin), the first k, or a list of indices.
+until a parameter it depends on changes. In training, backward recomputes A·V from the saved values instead of
+storing it (one bmm, since A is shared): each block keeps one (B, N, C) activation less. `pos_attn_layers` chooses
+which blocks are positional: 'all', 'none' (timm's ordinary attention everywhere: the standard twin), the first k, or
+a list of indices.
 """
 import inspect
 import logging
