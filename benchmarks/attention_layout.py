@@ -12,8 +12,16 @@ of timm's ViT that it replaces:
   timm_sdpa   timm's ViT attention core for the same shape: SDPA on per-image Q, K, V (needs Q/K, which
               positional attention does not compute; shown for scale)
 
-Every variant is checked against `bmm` before anything is timed. `infer` is a no-grad forward; `train` a forward
-plus backward to A (or Q/K) and V. Variants are timed round-robin, median of `--repeats`.
+With `--projections` the whole attention module is timed instead, value/QKV and output projections included:
+
+  model           the model's PositionalAttention: linear -> bmm mixing -> linear
+  channels_first  no layout copies: Vᵀ = Wv·X̂ᵀ (C, B·N) viewed as (H, d·B, N), then Vᵀ·Aᵀ, then the output
+                  projection on the transposed result
+  timm_attention  timm's Attention: QKV linear -> SDPA -> linear
+
+Every variant is checked against the first one before anything is timed (except timm's, a different function).
+`infer` is a no-grad forward; `train` a forward plus backward to every input and weight. Variants are timed
+round-robin, median of `--repeats`.
 """
 import argparse
 import json
@@ -37,7 +45,7 @@ from timm_posattn.vit_posattn import apply_positional_attention
 
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 MODES = ('infer', 'train')
-Variant = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (A or Q·K source, V, Q) -> (B, N, C)
+Variant = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (attn, v or x, qk) -> (B, N, C)
 
 
 def _heads(t: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -73,6 +81,37 @@ def make_variants(num_heads: int) -> Dict[str, Variant]:
     return dict(bmm=bmm, broadcast=broadcast, einsum=einsum, sdpa_bias=sdpa_bias, timm_sdpa=timm_sdpa)
 
 
+def projection_weights(dim: int, device: torch.device, dtype: torch.dtype, gen: torch.Generator
+                       ) -> Dict[str, torch.Tensor]:
+    """Random weights (requiring grad) for the `--projections` variants, named like the modules' parameters."""
+    shapes = {'v.weight': (dim, dim), 'v.bias': (dim,), 'proj.weight': (dim, dim), 'proj.bias': (dim,),
+              'qkv.weight': (3 * dim, dim), 'qkv.bias': (3 * dim,)}
+    return {name: (0.05 * torch.randn(*shape, generator=gen)).to(device, dtype).requires_grad_()
+            for name, shape in shapes.items()}
+
+
+def make_projection_variants(num_heads: int, weights: Dict[str, torch.Tensor]) -> Dict[str, Variant]:
+    """Whole attention modules mapping (attn, x (B, N, C), unused) to (B, N, C), with the given weights."""
+    w_v, b_v, w_proj, b_proj = (weights[k] for k in ('v.weight', 'v.bias', 'proj.weight', 'proj.bias'))
+    w_qkv, b_qkv = weights['qkv.weight'], weights['qkv.bias']
+
+    def model(attn, x, qk):
+        return F.linear(apply_positional_attention(attn, F.linear(x, w_v, b_v), num_heads), w_proj, b_proj)
+
+    def channels_first(attn, x, qk):
+        B, N, C = x.shape
+        v_t = torch.addmm(b_v.unsqueeze(1), w_v, x.reshape(B * N, C).t())  # (C, B·N): rows (head, d), cols (b, n)
+        out_t = torch.bmm(v_t.view(num_heads, -1, N), attn.transpose(1, 2))  # (H, d·B, N), still (C, B·N)
+        return F.linear(out_t.view(C, B * N).t(), w_proj, b_proj).view(B, N, C)
+
+    def timm_attention(attn, x, qk):
+        q, k, v = F.linear(x, w_qkv, b_qkv).chunk(3, dim=-1)
+        out = F.scaled_dot_product_attention(_heads(q, num_heads), _heads(k, num_heads), _heads(v, num_heads))
+        return F.linear(_tokens(out), w_proj, b_proj)
+
+    return dict(model=model, channels_first=channels_first, timm_attention=timm_attention)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
@@ -89,8 +128,10 @@ def run(
         warmup: int = 2,
         repeats: int = 7,
         seed: int = 0,
+        projections: bool = False,
 ) -> List[Dict[str, object]]:
-    """Time every variant in every mode; one row per (variant, mode), with the ratio to `bmm` and to `timm_sdpa`."""
+    """Time every variant in every mode; one row per (variant, mode), with its speed relative to the first variant
+    (the model's way) and to the last (timm's)."""
     if dim % num_heads:
         raise ValueError(f'dim ({dim}) must be divisible by num_heads ({num_heads})')
     if min(batch_size, tokens, warmup, repeats) < 1:
@@ -101,13 +142,19 @@ def run(
     v = torch.randn(batch_size, tokens, dim, generator=gen).to(torch_device, torch_dtype)
     qk = torch.randn(batch_size, tokens, 2 * dim, generator=gen).to(torch_device, torch_dtype)
     grad_out = torch.randn(batch_size, tokens, dim, generator=gen).to(torch_device, torch_dtype)
-    variants = make_variants(num_heads)
+    if projections:
+        variants = make_projection_variants(num_heads, projection_weights(dim, torch_device, torch_dtype, gen))
+    else:
+        variants = make_variants(num_heads)
+    names = list(variants)
+    ours, timms = names[0], names[-1]
 
-    reference = variants['bmm'](attn, v, qk)
-    tol = 1e-4 if torch_dtype == torch.float32 else 3e-2
-    for name, fn in variants.items():
-        if name != 'timm_sdpa':  # a different function of its inputs by design
-            torch.testing.assert_close(fn(attn, v, qk), reference, rtol=tol, atol=tol, msg=lambda m: f'{name}: {m}')
+    with torch.no_grad():
+        reference = variants[ours](attn, v, qk)
+        tol = 1e-4 if torch_dtype == torch.float32 else 3e-2
+        for name in names[1:-1]:  # timm's is a different function of its inputs by design
+            torch.testing.assert_close(variants[name](attn, v, qk), reference, rtol=tol, atol=tol,
+                                       msg=lambda m: f'{name}: {m}')
 
     def step(fn: Variant, mode: str) -> float:
         if mode == 'infer':
@@ -135,18 +182,19 @@ def run(
         median = {name: statistics.median(s) for name, s in seconds.items()}
         for name in variants:
             rows.append(dict(
-                variant=name, mode=mode, device=torch_device.type, dtype=dtype, batch_size=batch_size, tokens=tokens,
-                dim=dim, num_heads=num_heads, ms=round(1e3 * median[name], 3),
-                speed_vs_bmm=round(median['bmm'] / median[name], 3),
-                speed_vs_timm_sdpa=round(median['timm_sdpa'] / median[name], 3),
+                variant=name, mode=mode, projections=projections, device=torch_device.type, dtype=dtype,
+                batch_size=batch_size, tokens=tokens, dim=dim, num_heads=num_heads, ms=round(1e3 * median[name], 3),
+                speed_vs_ours=round(median[ours] / median[name], 3),
+                speed_vs_timm=round(median[timms] / median[name], 3),
                 seconds_per_repeat=[round(s, 6) for s in seconds[name]]))
     return rows
 
 
 def markdown_table(rows: List[Dict[str, object]]) -> str:
-    lines = ['| variant | mode | ms | speed vs bmm | speed vs timm_sdpa |', '|---|---|--:|--:|--:|']
-    lines += [f"| {r['variant']} | {r['mode']} | {r['ms']:.2f} | {r['speed_vs_bmm']:.2f} | "
-              f"{r['speed_vs_timm_sdpa']:.2f} |" for r in rows]
+    """Speeds are relative: above 1, the row's variant is faster than the model's way (`ours`) or than timm's."""
+    lines = ['| variant | mode | ms | speed vs ours | speed vs timm |', '|---|---|--:|--:|--:|']
+    lines += [f"| {r['variant']} | {r['mode']} | {r['ms']:.2f} | {r['speed_vs_ours']:.2f} | "
+              f"{r['speed_vs_timm']:.2f} |" for r in rows]
     return '\n'.join(lines)
 
 
@@ -163,6 +211,8 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, object]]:
     parser.add_argument('--repeats', type=int, default=7)
     parser.add_argument('--num-threads', type=int, default=None)
     parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--projections', action='store_true',
+                        help='time whole attention modules (value/QKV and output projections included)')
     parser.add_argument('--json', metavar='OUT', default=None, help='write the rows to OUT')
     args = parser.parse_args(argv)
     if args.device == 'cuda' and not torch.cuda.is_available():
@@ -170,7 +220,7 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, object]]:
     if args.num_threads is not None:
         torch.set_num_threads(args.num_threads)
     rows = run(args.batch_size, args.tokens, args.dim, args.heads, args.device, args.dtype, args.modes,
-               args.warmup, args.repeats, args.seed)
+               args.warmup, args.repeats, args.seed, args.projections)
     print(f'B={args.batch_size} N={args.tokens} C={args.dim} H={args.heads} {args.device}/{args.dtype}, '
           f'{torch.get_num_threads()} threads, torch {torch.__version__}\n')
     print(markdown_table(rows))

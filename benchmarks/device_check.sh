@@ -8,7 +8,8 @@
 #   grads    CUDA fp32 and bf16-autocast training step of vit_posattn_small_patch16_224: the memory-saving
 #            recompute path gives the same loss and gradients as plain autograd
 #   eager    bf16 benchmark vs timm's vit_small_patch16_224 at batch 256 (benchmark issue target: train >= 1.15)
-#   layout   how the shared attention matrix is applied, on the GPU (benchmarks/attention_layout.py)
+#   layout   how the shared attention matrix is applied, on the GPU (benchmarks/attention_layout.py), then the
+#            whole attention modules, including the copy-free channels-first layout (--projections)
 #   train    train.py on CUDA with bf16 AMP, 1 epoch of the structured demo (DDP over NCCL needs >= 2 GPUs:
 #            with one GPU this checks the CUDA/AMP training path, not NCCL)
 #   compile  the bf16 training benchmark with torch.compile (slowest: compiles both models)
@@ -79,6 +80,9 @@ step eager 300 "$PY" benchmarks/throughput.py --device cuda --dtype bfloat16 --b
     --models vit_posattn_small_patch16_224 --json "$OUT/bf16_eager.json"
 
 step layout 90 "$PY" benchmarks/attention_layout.py --device cuda --dtype bfloat16 -b 256 --json "$OUT/layout.json"
+
+step layout_modules 90 "$PY" benchmarks/attention_layout.py --device cuda --dtype bfloat16 -b 256 --projections \
+    --json "$OUT/layout_modules.json"
 
 step train 240 "$PY" train.py --device cuda --amp --amp-dtype bfloat16 --epochs 1 --output "$OUT" \
     --experiment cuda_bf16 --no-attention-plot

@@ -202,8 +202,12 @@ def test_attention_layout_script_checks_variants_and_writes_rows(tmp_path):
     for row in rows:
         assert row['ms'] > 0 and len(row['seconds_per_repeat']) == 2
         if row['variant'] == 'bmm':
-            assert row['speed_vs_bmm'] == 1.0
+            assert row['speed_vs_ours'] == 1.0
+        if row['variant'] == 'timm_sdpa':
+            assert row['speed_vs_timm'] == 1.0
     assert json.loads(out.read_text())['rows'] == rows
+    rows = layout.run(batch_size=2, tokens=5, dim=8, num_heads=2, warmup=1, repeats=1, projections=True)
+    assert [r['variant'] for r in rows] == ['model', 'channels_first', 'timm_attention'] * 2
     with pytest.raises(ValueError, match='divisible'):
         layout.run(dim=10, num_heads=3)
 
@@ -230,3 +234,18 @@ def test_device_check_script_dry_run_on_cpu(tmp_path):
     summary = (tmp_path / 'summary.txt').read_text().split('\n')
     assert [line.split()[:2] for line in summary if line] == [['env', 'rc=0'], ['grads', 'rc=0']]
     assert 'grads OK' in (tmp_path / 'grads.log').read_text()
+
+
+def test_attention_layout_channels_first_is_the_model_attention():
+    """The copy-free variant computes what PositionalAttention computes, given the same weights."""
+    from timm_posattn.vit_posattn import PositionalAttention
+    layout = _load_layout_script()
+    module = PositionalAttention(8, num_heads=2, qkv_bias=True)
+    weights = {name: p.detach() for name, p in module.named_parameters() if name.startswith(('v.', 'proj.'))}
+    weights.update({'qkv.weight': torch.randn(24, 8), 'qkv.bias': torch.randn(24)})
+    variants = layout.make_projection_variants(2, weights)
+    attn, x = torch.randn(2, 5, 5).softmax(-1), torch.randn(3, 5, 8)
+    with torch.no_grad():
+        expected = module(x, attn)
+        for name in ('model', 'channels_first'):
+            torch.testing.assert_close(variants[name](attn, x, None), expected, rtol=1e-5, atol=1e-5)
