@@ -198,6 +198,25 @@ def test_recomputing_attention_output_under_bf16_autocast():
         torch.testing.assert_close(g, g_ref, rtol=0.02, atol=0.02)
 
 
+def test_per_sample_gradients_with_torch_func():
+    """vmap(grad(...)) (per-sample gradients, as in DP-SGD) runs through the recompute path and matches plain autograd."""
+    from torch.func import functional_call, grad, vmap
+    model = _small(depth=1, embed_dim=24, num_heads=2)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x, y = torch.randn(3, 3, 32, 32), torch.randint(0, 5, (3,))
+
+    def loss(p, xi, yi):
+        return F.cross_entropy(functional_call(model, p, (xi.unsqueeze(0),)), yi.unsqueeze(0))
+    per_sample = {}
+    for recompute in (False, True):
+        model.blocks[0].attn.recompute_attn_out = recompute
+        per_sample[recompute] = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    for name, g in per_sample[True].items():
+        torch.testing.assert_close(g, per_sample[False][name], msg=name)
+    one = grad(loss)(params, x[1], y[1])['blocks.0.attn.proj.weight']
+    torch.testing.assert_close(per_sample[True]['blocks.0.attn.proj.weight'][1], one)
+
+
 def test_attention_maps_need_no_image():
     model = _small(pos_attn_layers=[0, 2])
     maps = model.get_attention_maps()

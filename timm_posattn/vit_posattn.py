@@ -81,6 +81,7 @@ class _PositionalAttentionProj(torch.autograd.Function):
     and each positional block stores one (B, N, C) activation less. The backward uses plain differentiable ops, so
     double backward works. All matmuls run in the dtype of `v` (the autocast compute dtype when autocast is on).
     """
+    generate_vmap_rule = True  # torch.func transforms (e.g. per-sample gradients with vmap(grad(...))) work too
 
     @staticmethod
     def forward(
