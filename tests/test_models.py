@@ -199,7 +199,7 @@ def test_recomputing_attention_output_under_bf16_autocast():
 
 
 def test_per_sample_gradients_with_torch_func():
-    """vmap(grad(...)) (per-sample gradients, as in DP-SGD) runs through the recompute path and matches plain autograd."""
+    """vmap(grad(...)) (per-sample gradients, as in DP-SGD) runs the recompute path and matches plain autograd."""
     from torch.func import functional_call, grad, vmap
     model = _small(depth=1, embed_dim=24, num_heads=2)
     params = {k: v.detach() for k, v in model.named_parameters()}
