@@ -13,18 +13,26 @@
 #   train    train.py on CUDA with bf16 AMP, 1 epoch of the structured demo (DDP over NCCL needs >= 2 GPUs:
 #            with one GPU this checks the CUDA/AMP training path, not NCCL)
 #   compile  the bf16 training benchmark with torch.compile (slowest: compiles both models)
-# The machine needs torch and timm >= 1.0.31 installed; nothing is installed here. $OUT/summary.txt lists each
-# step's exit status and seconds. DEVICE=cpu runs the env and grads steps on the CPU (a dry run of the script).
+# The whole script stops within BUDGET seconds (default 540, under the device tool's 10-minute command limit): each
+# step's limit is cut to what is left, and a step with under 20 s left is skipped. The machine needs torch and
+# timm >= 1.0.31 installed; nothing is installed here. $OUT/summary.txt lists each step's exit status and seconds.
+# DEVICE=cpu runs the env and grads steps on the CPU (a dry run of the script).
 set -u
 OUT=${OUT:-device_check_out}
 PY=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}
+BUDGET=${BUDGET:-540}
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" DEVICE
 mkdir -p "$OUT"
 
 step() {  # step NAME SECONDS CMD...: run CMD under a time limit, log to $OUT/NAME.log, record status and time
-    local name=$1 limit=$2 start rc
+    local name=$1 limit=$2 start rc left=$((BUDGET - SECONDS))
     shift 2
+    if [ "$left" -lt 20 ]; then
+        echo "$name skipped: ${left}s of the ${BUDGET}s budget left" | tee -a "$OUT/summary.txt"
+        return
+    fi
+    [ "$limit" -le "$left" ] || limit=$left
     echo "== $name (limit ${limit}s)"
     start=$(date +%s)
     timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
@@ -43,7 +51,7 @@ if torch.cuda.is_available():
 print(len(timm.list_models('vit_posattn*')), 'vit_posattn models registered')
 PYTHON
 
-step grads 120 "$PY" - <<'PYTHON'
+step grads 90 "$PY" - <<'PYTHON'
 import contextlib
 import os
 
@@ -76,18 +84,18 @@ PYTHON
 
 [ "$DEVICE" = cuda ] || { cat "$OUT/summary.txt"; exit 0; }
 
-step eager 300 "$PY" benchmarks/throughput.py --device cuda --dtype bfloat16 --batch-size 256 \
+step eager 180 "$PY" benchmarks/throughput.py --device cuda --dtype bfloat16 --batch-size 256 \
     --models vit_posattn_small_patch16_224 --json "$OUT/bf16_eager.json"
 
-step layout 90 "$PY" benchmarks/attention_layout.py --device cuda --dtype bfloat16 -b 256 --json "$OUT/layout.json"
+step layout 60 "$PY" benchmarks/attention_layout.py --device cuda --dtype bfloat16 -b 256 --json "$OUT/layout.json"
 
-step layout_modules 90 "$PY" benchmarks/attention_layout.py --device cuda --dtype bfloat16 -b 256 --projections \
+step layout_modules 60 "$PY" benchmarks/attention_layout.py --device cuda --dtype bfloat16 -b 256 --projections \
     --json "$OUT/layout_modules.json"
 
-step train 240 "$PY" train.py --device cuda --amp --amp-dtype bfloat16 --epochs 1 --output "$OUT" \
+step train 150 "$PY" train.py --device cuda --amp --amp-dtype bfloat16 --epochs 1 --output "$OUT" \
     --experiment cuda_bf16 --no-attention-plot
 
-step compile 480 "$PY" benchmarks/throughput.py --device cuda --dtype bfloat16 --batch-size 256 --compile \
+step compile 300 "$PY" benchmarks/throughput.py --device cuda --dtype bfloat16 --batch-size 256 --compile \
     --modes train --models vit_posattn_small_patch16_224 --json "$OUT/bf16_compile.json"
 
 cat "$OUT/summary.txt"
