@@ -16,8 +16,10 @@ TINY = 'vit_posattn_tiny_patch4_32'
 TINY_KWARGS = dict(depth=2)
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location('throughput', SCRIPT)
+def _load_script(name='throughput'):
+    """Import benchmarks/NAME.py (the benchmarks folder is not a package)."""
+    path = os.path.join(os.path.dirname(SCRIPT), f'{name}.py')
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -184,16 +186,8 @@ def test_positional_attention_needs_fewer_flops():
         assert throughput.step_flops(model, mode, 4) < throughput.step_flops(baseline, mode, 4)
 
 
-def _load_layout_script():
-    path = os.path.join(os.path.dirname(SCRIPT), 'attention_layout.py')
-    spec = importlib.util.spec_from_file_location('attention_layout', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_attention_layout_script_checks_variants_and_writes_rows(tmp_path):
-    layout = _load_layout_script()
+    layout = _load_script('attention_layout')
     out = tmp_path / 'layout.json'
     rows = layout.main(['-b', '3', '--tokens', '5', '--dim', '8', '--heads', '2', '--warmup', '1', '--repeats', '2',
                         '--json', str(out)])
@@ -214,7 +208,7 @@ def test_attention_layout_script_checks_variants_and_writes_rows(tmp_path):
 
 def test_attention_layout_variants_compute_the_same_mixing():
     """The alternatives the script times are the same function as the model's bmm (else the timing means nothing)."""
-    layout = _load_layout_script()
+    layout = _load_script('attention_layout')
     variants = layout.make_variants(3)
     attn, v = torch.randn(3, 7, 7).softmax(-1), torch.randn(2, 7, 12)
     ref = torch.einsum('hnm,bmhd->bnhd', attn, v.view(2, 7, 3, 4)).reshape(2, 7, 12)
@@ -239,7 +233,7 @@ def test_device_check_script_dry_run_on_cpu(tmp_path):
 def test_attention_layout_channels_first_is_the_model_attention():
     """The copy-free variant computes what PositionalAttention computes, given the same weights."""
     from timm_posattn.vit_posattn import PositionalAttention
-    layout = _load_layout_script()
+    layout = _load_script('attention_layout')
     module = PositionalAttention(8, num_heads=2, qkv_bias=True)
     weights = {name: p.detach() for name, p in module.named_parameters() if name.startswith(('v.', 'proj.'))}
     weights.update({'qkv.weight': torch.randn(24, 8), 'qkv.bias': torch.randn(24)})

@@ -60,17 +60,26 @@ PosAttnLayers = Union[str, int, Sequence[int]]
 _is_fx_tracing = getattr(torch.fx._symbolic_trace, 'is_fx_symbolic_tracing', torch.fx._symbolic_trace.is_fx_tracing)
 
 
+def _to_heads(t: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Tokens (B, N, C) -> head-major (H, N, B·d_head): per head, one matrix with the batch folded into the columns."""
+    B, N, C = t.shape
+    return t.view(B, N, num_heads, C // num_heads).permute(2, 1, 0, 3).reshape(num_heads, N, -1)
+
+
+def _from_heads(t: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Head-major (H, N, B·d_head) -> tokens (B, N, C); the inverse of `_to_heads`."""
+    H, N, _ = t.shape
+    return t.view(H, N, batch_size, -1).permute(2, 1, 0, 3).reshape(batch_size, N, -1)
+
+
 def apply_positional_attention(attn: torch.Tensor, v: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Apply per-head attention (H, N, N), shared by the whole batch, to values (B, N, C).
 
     The batch is folded into the GEMM's columns: one (N, N) @ (N, B·d_head) matmul per head, all heads in one bmm.
     This never materializes a (B, H, N, N) tensor and keeps the GEMMs large.
     """
-    B, N, C = v.shape
-    head_dim = C // num_heads
     # the head-major copy of v is a temporary, freed as soon as the bmm returns
-    x = torch.bmm(attn.to(v.dtype), v.view(B, N, num_heads, head_dim).permute(2, 1, 0, 3).reshape(num_heads, N, -1))
-    return x.view(num_heads, N, B, head_dim).permute(2, 1, 0, 3).reshape(B, N, C)
+    return _from_heads(torch.bmm(attn.to(v.dtype), _to_heads(v, num_heads)), v.shape[0])
 
 
 class _PositionalAttentionProj(torch.autograd.Function):
@@ -122,25 +131,23 @@ def _positional_attention_proj_backward(
         weight: torch.Tensor,
 ) -> Tuple[Optional[torch.Tensor], ...]:
     """Gradients of `_PositionalAttentionProj` for (attn, v, weight, bias), computed in the dtype of `v`."""
-    H = ctx.num_heads
     B, N, C = v.shape
-    d = C // H
     dtype = v.dtype
     grad_out = grad_out.to(dtype)
     attn_c = attn.to(dtype)
-    v_heads = v.view(B, N, H, d).permute(2, 1, 0, 3).reshape(H, N, B * d)
+    v_heads = _to_heads(v, ctx.num_heads)
     grad_attn = grad_v = grad_weight = grad_bias = None
     if ctx.needs_input_grad[2]:
-        x = torch.bmm(attn_c, v_heads).view(H, N, B, d).permute(2, 1, 0, 3).reshape(B * N, C)  # the recompute
-        grad_weight = (grad_out.reshape(B * N, C).t() @ x).to(weight.dtype)
+        x = _from_heads(torch.bmm(attn_c, v_heads), B)  # the recompute
+        grad_weight = (grad_out.reshape(B * N, C).t() @ x.reshape(B * N, C)).to(weight.dtype)
     if ctx.has_bias and ctx.needs_input_grad[3]:
         grad_bias = grad_out.sum(dim=(0, 1), dtype=ctx.bias_dtype)
     if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-        grad_x = (grad_out @ weight.to(dtype)).view(B, N, H, d).permute(2, 1, 0, 3).reshape(H, N, B * d)
+        grad_x = _to_heads(grad_out @ weight.to(dtype), ctx.num_heads)
         if ctx.needs_input_grad[0]:
             grad_attn = torch.bmm(grad_x, v_heads.transpose(1, 2)).to(attn.dtype)
         if ctx.needs_input_grad[1]:
-            grad_v = torch.bmm(attn_c.transpose(1, 2), grad_x).view(H, N, B, d).permute(2, 1, 0, 3).reshape(B, N, C)
+            grad_v = _from_heads(torch.bmm(attn_c.transpose(1, 2), grad_x), B)
     return grad_attn, grad_v, grad_weight, grad_bias
 
 
