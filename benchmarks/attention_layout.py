@@ -41,7 +41,7 @@ except ModuleNotFoundError as e:  # run from a checkout without installing
         raise
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from timm_posattn.files import atomic_write
-from timm_posattn.vit_posattn import apply_positional_attention
+from timm_posattn.layers import apply_positional_attention
 
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 MODES = ('infer', 'train')

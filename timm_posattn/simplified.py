@@ -1,22 +1,29 @@
 """The paper's simplified positional-attention model and its gradient-descent training.
 
-F(X) = sum_i sum_r sigma(<v_r, sum_j A_ij X_j>), A = row softmax of learned positional logits, sigma(t) = t^3.
+F(X) = sum_i sum_r sigma(<v_r, sum_j A_ij X_j>), sigma(t) = t^3, with A the positional attention of one layer of the
+registry in `timm_posattn.layers` (the same layers the ViT's blocks use), over the D patches:
+  * ``attention='logits'``: A = softmax(L), L a free (D, D) logit table: the paper's simplified model;
+  * ``attention='qk'``: A = softmax((LN(P)·Wq)(LN(P)·Wk)ᵀ/√k) from a learned positional table P (D, k): the ViT's form;
+  * ``attention='tied'``: the same with Wq = Wk (symmetric, positive semi-definite logits).
 The activation has to be odd: a sum of ReLUs is never negative, so it cannot give the sign of y.
 
-How the logits start decides which of the many generalizing solutions gradient descent finds:
-  * ``init='random'``: small random logits. Uniform attention is a fixed point (every row gets the same gradient);
-    the small asymmetry lets each row concentrate on *some* hidden set, not necessarily its own.
-  * ``init='local'``: ``beta * I`` plus small noise, each patch first prefers itself, so the set that wins row i is
-    i's own set: the patch association of the paper's theorem.
+How the attention starts decides which of the many generalizing solutions gradient descent finds:
+  * ``init='random'``: the layer's default (timm's ViT) init: attention close to uniform. Uniform attention is a fixed
+    point (every row gets the same gradient); the small asymmetry lets each row concentrate on *some* hidden set.
+  * ``init='local'``: the layer's local init, A ≈ softmax(beta·I): each patch first prefers itself, so the set that
+    wins row i is i's own set: the patch association of the paper's theorem.
 """
 from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.models import named_apply
+from timm.models.vision_transformer import init_weights_vit_timm
 from timm.optim import create_optimizer_v2
 
 from .association import association_metrics
+from .layers import get_pos_attn_layer, list_pos_attn_layers
 from .structured import StructuredConfig, make_structure, sample_structured
 
 __all__ = ['SimplifiedPositionalModel', 'logistic_loss', 'accuracy', 'train_online', 'train_fixed', 'INITS']
@@ -25,32 +32,56 @@ INITS = ('local', 'random')
 
 
 class SimplifiedPositionalModel(nn.Module):
-    """One positional-attention layer (logits ``(D, D)``) followed by ``num_neurons`` cubic neurons, summed."""
+    """One positional attention layer over the D patches, followed by ``num_neurons`` cubic neurons, summed."""
 
     def __init__(
             self,
             num_patches: int,
             patch_dim: int,
             num_neurons: int = 4,
+            attention: str = 'logits',
             init: str = 'local',
             beta: float = 1.0,
-            logit_noise: float = 0.01,
+            pos_dim: int = 16,
             seed: int = 0,
     ):
+        """
+        Args:
+            num_patches: D, the patches attention runs over (no class token).
+            patch_dim: d, the dimension of a patch.
+            num_neurons: cubic neurons of the readout.
+            attention: a registered positional attention layer ('logits', 'qk', 'tied', ...).
+            init: 'random' (the layer's default init) or 'local' (A ≈ softmax(beta·I)).
+            beta: the self logit of the local init.
+            pos_dim: k, the width of the positional table P (single head) for layers that read it.
+            seed: seeds every parameter, so a model is a function of its arguments.
+        """
         super().__init__()
         if init not in INITS:
             raise ValueError(f'expected init in {INITS}, got {init!r}')
+        if attention not in list_pos_attn_layers():
+            raise ValueError(f'expected attention in {list_pos_attn_layers()}, got {attention!r}')
+        self.init, self.attention_form = init, attention
+        self.grid_size = (1, num_patches)  # the patches as one row: no 2D structure is assumed
         g = torch.Generator().manual_seed(int(seed))
-        logits = logit_noise * torch.randn(num_patches, num_patches, generator=g)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            self.attn = get_pos_attn_layer(attention)(pos_dim, 1, grid_size=self.grid_size, num_prefix_tokens=0)
+            named_apply(init_weights_vit_timm, self.attn)  # the ViT's init of the same layer
         if init == 'local':
-            logits = logits + beta * torch.eye(num_patches)
-        self.init = init
-        self.attn_logits = nn.Parameter(logits)
+            self.attn.init_local(beta)
+        # the positional table: unit-scale rows (the layers normalize it before projecting)
+        self.pos = nn.Parameter(torch.randn(num_patches, pos_dim, generator=g)) if self.attn.uses_pos_table else None
         self.neurons = nn.Parameter(torch.randn(num_neurons, patch_dim, generator=g) / patch_dim ** 0.5)
 
     def attention(self) -> torch.Tensor:
         """The (D, D) positional attention matrix; rows sum to 1."""
-        return self.attn_logits.softmax(dim=-1)
+        pos = self.pos if self.pos is not None else self.neurons.new_zeros(self.grid_size[1], 0)
+        return self.attn(pos, self.grid_size)[0]
+
+    def attention_parameters(self) -> List[nn.Parameter]:
+        """What the attention is learned through: the layer and, where it reads one, the positional table."""
+        return list(self.attn.parameters()) + ([self.pos] if self.pos is not None else [])
 
     def reset_neurons(self, seed: int = 0):
         """Draw new neurons (the readout of a new feature) while keeping the attention."""
@@ -59,8 +90,8 @@ class SimplifiedPositionalModel(nn.Module):
             self.neurons.copy_(torch.randn(self.neurons.shape, generator=g) / self.neurons.shape[1] ** 0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 3 or x.shape[1:] != (self.attn_logits.shape[0], self.neurons.shape[1]):
-            raise ValueError(f'expected inputs (N, {self.attn_logits.shape[0]}, {self.neurons.shape[1]}), '
+        if x.ndim != 3 or x.shape[1:] != (self.grid_size[1], self.neurons.shape[1]):
+            raise ValueError(f'expected inputs (N, {self.grid_size[1]}, {self.neurons.shape[1]}), '
                              f'got {tuple(x.shape)}')
         mixed = torch.einsum('ij,njd->nid', self.attention(), x)
         return (mixed @ self.neurons.t()).pow(3).sum(dim=(1, 2))
@@ -139,14 +170,16 @@ def train_fixed(
 
     ``train_attention=False`` keeps the positional attention as it is and learns only the neurons.
     """
-    params = [model.neurons] + ([model.attn_logits] if train_attention else [])
-    model.attn_logits.requires_grad_(train_attention)
-    optimizer = _optimizer(params, lr)
+    attention = model.attention_parameters()
+    for p in attention:
+        p.requires_grad_(train_attention)
+    optimizer = _optimizer([model.neurons] + (attention if train_attention else []), lr)
     loss = torch.tensor(float('nan'))
     for _ in range(steps):
         loss = logistic_loss(model(x), y)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    model.attn_logits.requires_grad_(True)
+    for p in attention:
+        p.requires_grad_(True)
     return loss.detach().item()

@@ -20,6 +20,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from .dataset_info import STRUCTURED_MEAN, STRUCTURED_STD
+
 __all__ = [
     'StructuredConfig', 'StructuredImageDataset', 'make_structure', 'orthogonal_feature', 'sample_structured',
     'encode_patches_to_image', 'decode_image_to_patches', 'STRUCTURED_MEAN', 'STRUCTURED_STD',
@@ -32,8 +34,6 @@ GRID_SIZE = IMAGE_SIZE // PATCH_SIZE  # 8x8 = 64 patches
 # Patch values v are stored as uint8 round(127.5 + 127.5 * v / VALUE_RANGE): ToTensor + Normalize(0.5, 1/6) gives v
 # back up to the 8-bit quantisation step (2 * VALUE_RANGE / 255 ~ 0.024); |v| > VALUE_RANGE is clipped.
 VALUE_RANGE = 3.0
-STRUCTURED_MEAN = (0.5, 0.5, 0.5)
-STRUCTURED_STD = (1 / 6, 1 / 6, 1 / 6)
 
 # Sample seeds of the splits are offset so that train/validation/test never share a sample stream.
 _SPLIT_OFFSETS = {'train': 0, 'validation': 1, 'test': 2}

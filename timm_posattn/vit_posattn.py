@@ -4,36 +4,35 @@ A ViT whose attention matrices depend only on the positional encodings, never on
   * `Vision Transformers provably learn spatial structure` - https://arxiv.org/abs/2210.09221
     (Jelassi, Sander & Li, NeurIPS 2022)
 
-For every positional block and head h:
+For every positional block and head h (with the default positional attention layer, 'qk'):
 
     A_h = softmax((LN(P)·Wq_h)(LN(P)·Wk_h)ᵀ / √d_head)        P: the model's positional table, (N, C)
     out = proj(concat_h A_h·(X·Wv_h))
 
-P is the model's one learned `pos_embed` (class token position included, as in timm's ViT), shared by all blocks;
-each block has its own LayerNorm of P (`attn.pos_norm`) and its own Wq/Wk (`attn.qk`). P is also added to the
-patch tokens as in timm's ViT, so the rest of the network is a standard pre-norm ViT.
+P is the model's one learned `pos_embed` (class token position included, as in timm's ViT), shared by all blocks; each
+block has its own positional attention layer (`attn.pos_map`, chosen by `pos_attn_layer`: 'qk', 'tied', 'logits' or
+a class, see `timm_posattn.layers`). P is also added to the patch tokens as in timm's ViT, so the rest of the network
+is a standard pre-norm ViT.
 
-Because A depends on no image it is computed once per forward for the whole batch (Q/K act on N positional rows,
-not on B·N tokens) and applied with one batched matmul per block; in eval mode under no-grad it is cached and reused
-until a parameter it depends on changes. In training, backward recomputes A·V from the saved values instead of
-storing it (one bmm, since A is shared): each block keeps one (B, N, C) activation less. `pos_attn_layers` chooses
-which blocks are positional: 'all', 'none' (timm's ordinary attention everywhere: the standard twin), the first k, or
-a list of indices.
+Because A depends on no image it is computed once per forward for the whole batch (from N positional rows, not B·N
+tokens) and applied with one batched matmul per block. Nothing is cached: every forward computes A from the current
+parameters. For inference, `timm.utils.reparameterize_model(model)` bakes each block's A into a buffer. In training,
+backward recomputes A·V from the saved values instead of storing it (one bmm, since A is shared): each block keeps one
+(B, N, C) activation less. `pos_attn_layers` chooses which blocks are positional: 'all', 'none' (timm's ordinary
+attention everywhere: the standard twin), the first k, or a list of indices.
 """
 import inspect
 import logging
 import math
+import re
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
 from torch.jit import Final
 
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import (
-    DropPath,
     LayerNorm,
-    LayerScale,
     Mlp,
     PatchEmbed,
     calculate_drop_path_rates,
@@ -42,260 +41,33 @@ from timm.layers import (
     get_norm_layer,
     resample_abs_pos_embed,
     resample_patch_embed,
+    to_2tuple,
 )
-from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, named_apply, \
-    register_model
+from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, named_apply, register_model
+from timm.models._features import feature_take_indices  # timm's own models import it from here
 from timm.models.vision_transformer import Block, get_init_weights_vit, global_pool_nlc
 
+from .dataset_info import DATASETS
+from .layers import GridSize, PositionalAttention, PositionalAttentionMap, PositionalBlock
 from .releases import hub_cfg
-from .structured import STRUCTURED_MEAN, STRUCTURED_STD
 
-__all__ = ['VisionTransformerPosAttn', 'PositionalAttention', 'PositionalBlock']
+__all__ = ['VisionTransformerPosAttn', 'StandardBlock', 'checkpoint_filter_fn', 'resolve_pos_attn_layers']
 
 _logger = logging.getLogger(__name__)
 
 PosAttnLayers = Union[str, int, Sequence[int]]
 
-# FX symbolic tracing turns parameters into proxies, so the eval cache (which reads parameter versions) is skipped.
-_is_fx_tracing = getattr(torch.fx._symbolic_trace, 'is_fx_symbolic_tracing', torch.fx._symbolic_trace.is_fx_tracing)
-
-
-def _to_heads(t: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Tokens (B, N, C) -> head-major (H, N, B·d_head): per head, one matrix with the batch folded into the columns."""
-    B, N, C = t.shape
-    return t.view(B, N, num_heads, C // num_heads).permute(2, 1, 0, 3).reshape(num_heads, N, -1)
-
-
-def _from_heads(t: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Head-major (H, N, B·d_head) -> tokens (B, N, C); the inverse of `_to_heads`."""
-    H, N, _ = t.shape
-    return t.view(H, N, batch_size, -1).permute(2, 1, 0, 3).reshape(batch_size, N, -1)
-
-
-def apply_positional_attention(attn: torch.Tensor, v: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Apply per-head attention (H, N, N), shared by the whole batch, to values (B, N, C).
-
-    The batch is folded into the GEMM's columns: one (N, N) @ (N, B·d_head) matmul per head, all heads in one bmm.
-    This never materializes a (B, H, N, N) tensor and keeps the GEMMs large.
-    """
-    # the head-major copy of v is a temporary, freed as soon as the bmm returns
-    return _from_heads(torch.bmm(attn.to(v.dtype), _to_heads(v, num_heads)), v.shape[0])
-
-
-class _PositionalAttentionProj(torch.autograd.Function):
-    """`proj(apply_positional_attention(attn, v))` that stores no attention output for backward.
-
-    Autograd would keep the mixed tokens A·V (B, N, C) alive for the projection's weight gradient. Here A is shared
-    by the whole batch and already saved, so backward recomputes A·V with one bmm (under 2% of a CPU training step)
-    and each positional block stores one (B, N, C) activation less. The backward uses plain differentiable ops, so
-    double backward works. All matmuls run in the dtype of `v` (the autocast compute dtype when autocast is on).
-    """
-    generate_vmap_rule = True  # torch.func transforms (e.g. per-sample gradients with vmap(grad(...))) work too
-
-    @staticmethod
-    def forward(
-            attn: torch.Tensor,
-            v: torch.Tensor,
-            weight: torch.Tensor,
-            bias: Optional[torch.Tensor],
-            num_heads: int,
-    ) -> torch.Tensor:
-        x = apply_positional_attention(attn, v, num_heads)
-        return nn.functional.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        attn, v, weight, bias, num_heads = inputs
-        ctx.num_heads = num_heads
-        ctx.has_bias = bias is not None
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.save_for_backward(attn, v, weight)
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        attn, v, weight = ctx.saved_tensors
-        device_type = v.device.type
-        if device_type in ('cpu', 'cuda') and torch.is_autocast_enabled(device_type):
-            with torch.autocast(device_type, enabled=False):  # keep the forward's compute dtype
-                grads = _positional_attention_proj_backward(ctx, grad_out, attn, v, weight)
-        else:
-            grads = _positional_attention_proj_backward(ctx, grad_out, attn, v, weight)
-        return grads + (None,)
-
-
-def _positional_attention_proj_backward(
-        ctx: Any,
-        grad_out: torch.Tensor,
-        attn: torch.Tensor,
-        v: torch.Tensor,
-        weight: torch.Tensor,
-) -> Tuple[Optional[torch.Tensor], ...]:
-    """Gradients of `_PositionalAttentionProj` for (attn, v, weight, bias), computed in the dtype of `v`."""
-    B, N, C = v.shape
-    dtype = v.dtype
-    grad_out = grad_out.to(dtype)
-    attn_c = attn.to(dtype)
-    v_heads = _to_heads(v, ctx.num_heads)
-    grad_attn = grad_v = grad_weight = grad_bias = None
-    if ctx.needs_input_grad[2]:
-        x = _from_heads(torch.bmm(attn_c, v_heads), B)  # the recompute
-        grad_weight = (grad_out.reshape(B * N, C).t() @ x.reshape(B * N, C)).to(weight.dtype)
-    if ctx.has_bias and ctx.needs_input_grad[3]:
-        grad_bias = grad_out.sum(dim=(0, 1), dtype=ctx.bias_dtype)
-    if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-        grad_x = _to_heads(grad_out @ weight.to(dtype), ctx.num_heads)
-        if ctx.needs_input_grad[0]:
-            grad_attn = torch.bmm(grad_x, v_heads.transpose(1, 2)).to(attn.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_v = _from_heads(torch.bmm(attn_c.transpose(1, 2), grad_x), B)
-    return grad_attn, grad_v, grad_weight, grad_bias
-
-
-@torch.jit.unused
-def positional_attention_proj(
-        attn: torch.Tensor,
-        v: torch.Tensor,
-        weight: torch.Tensor,
-        bias: Optional[torch.Tensor],
-        num_heads: int,
-) -> torch.Tensor:
-    """`linear(apply_positional_attention(attn, v), weight, bias)` that recomputes A·V in backward, not stores it."""
-    return _PositionalAttentionProj.apply(attn, v, weight, bias, num_heads)
-
-
-class PositionalAttention(nn.Module):
-    """Multi-head attention whose attention matrix is a function of the positional table only."""
-
-    def __init__(
-            self,
-            dim: int,
-            num_heads: int = 8,
-            qkv_bias: bool = False,
-            proj_bias: bool = True,
-            pos_norm: bool = True,
-            attn_drop: float = 0.,
-            proj_drop: float = 0.,
-            norm_layer: Type[nn.Module] = LayerNorm,
-            device=None,
-            dtype=None,
-    ) -> None:
-        """
-        Args:
-            dim: Token (and positional table) width.
-            num_heads: Number of attention heads.
-            qkv_bias: Bias in the positional Q/K projection and the value projection.
-            proj_bias: Bias in the output projection.
-            pos_norm: Normalize the positional table before Q/K (keeps logits O(1) whatever the table's scale).
-            attn_drop: Dropout on the attention matrix (one mask for the whole batch).
-            proj_drop: Dropout after the output projection.
-            norm_layer: Normalization layer for `pos_norm`.
-        """
-        super().__init__()
-        dd = {'device': device, 'dtype': dtype}
-        assert dim % num_heads == 0, f'dim ({dim}) must be divisible by num_heads ({num_heads})'
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.scale = self.head_dim ** -0.5
-
-        self.pos_norm = norm_layer(dim, **dd) if pos_norm else nn.Identity()
-        self.qk = nn.Linear(dim, dim * 2, bias=qkv_bias, **dd)  # acts on the N positional rows only
-        self.v = nn.Linear(dim, dim, bias=qkv_bias, **dd)
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim, bias=proj_bias, **dd)
-        self.proj_drop = nn.Dropout(proj_drop)
-        # Recompute A·V in backward rather than store it: one (B, N, C) activation less per block, one extra bmm.
-        self.recompute_attn_out = True
-
-    def attention_matrix(self, pos: torch.Tensor) -> torch.Tensor:
-        """Attention of every head from the positional table: (N, C) or (1, N, C) -> (H, N, N), rows sum to 1."""
-        N = pos.shape[-2]
-        q, k = self.qk(self.pos_norm(pos)).reshape(N, 2, self.num_heads, self.head_dim).permute(1, 2, 0, 3).unbind(0)
-        return ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-
-    @torch.jit.unused
-    def _recompute_mix(self) -> bool:
-        """Use the memory-saving autograd path: eager autograd with a plain Linear projection.
-
-        FX and torch.compile trace the plain ops instead (torch.compile plans its own recomputation).
-        """
-        if _is_fx_tracing() or torch.compiler.is_compiling():
-            return False
-        return self.recompute_attn_out and torch.is_grad_enabled() and type(self.proj) is nn.Linear
-
-    def forward(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        attn = self.attn_drop(attn)
-        # self.v(x) is passed straight on, never bound to a name: the values are freed as soon as they are mixed
-        if not torch.jit.is_scripting() and self._recompute_mix():
-            x = positional_attention_proj(attn, self.v(x), self.proj.weight, self.proj.bias, self.num_heads)
-        else:
-            x = self.proj(apply_positional_attention(attn, self.v(x), self.num_heads))
-        return self.proj_drop(x)
-
-
-class PositionalBlock(nn.Module):
-    """Pre-norm transformer block with positional attention; same layout and names as timm's `Block`."""
-
-    def __init__(
-            self,
-            dim: int,
-            num_heads: int,
-            mlp_ratio: float = 4.,
-            qkv_bias: bool = False,
-            proj_bias: bool = True,
-            pos_norm: bool = True,
-            proj_drop: float = 0.,
-            attn_drop: float = 0.,
-            init_values: Optional[float] = None,
-            drop_path: float = 0.,
-            act_layer: Type[nn.Module] = nn.GELU,
-            norm_layer: Type[nn.Module] = LayerNorm,
-            mlp_layer: Type[nn.Module] = Mlp,
-            device=None,
-            dtype=None,
-    ) -> None:
-        super().__init__()
-        dd = {'device': device, 'dtype': dtype}
-        self.norm1 = norm_layer(dim, **dd)
-        self.attn = PositionalAttention(
-            dim,
-            num_heads=num_heads,
-            qkv_bias=qkv_bias,
-            proj_bias=proj_bias,
-            pos_norm=pos_norm,
-            attn_drop=attn_drop,
-            proj_drop=proj_drop,
-            norm_layer=norm_layer,
-            **dd,
-        )
-        self.ls1 = LayerScale(dim, init_values=init_values, **dd) if init_values else nn.Identity()
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        self.norm2 = norm_layer(dim, **dd)
-        self.mlp = mlp_layer(
-            in_features=dim,
-            hidden_features=int(dim * mlp_ratio),
-            act_layer=act_layer,
-            bias=proj_bias,
-            drop=proj_drop,
-            **dd,
-        )
-        self.ls2 = LayerScale(dim, init_values=init_values, **dd) if init_values else nn.Identity()
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-
-    def positional_attention(self, pos: torch.Tensor) -> Optional[torch.Tensor]:
-        return self.attn.attention_matrix(pos)
-
-    def forward(self, x: torch.Tensor, attn: Optional[torch.Tensor] = None) -> torch.Tensor:
-        assert attn is not None, 'PositionalBlock needs the attention matrix computed from the positional table'
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn)))
-        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        return x
-
 
 class StandardBlock(Block):
-    """timm's ViT block (image-dependent attention); takes no positional attention."""
+    """timm's ViT block (image-dependent attention); takes and ignores the positional table.
 
-    def positional_attention(self, pos: torch.Tensor) -> Optional[torch.Tensor]:
-        return None
+    Block.forward written out (TorchScript has no super()); tests check the twin's logits equal timm's ViT's.
+    """
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, grid_size: GridSize) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x
 
 
 def resolve_pos_attn_layers(pos_attn_layers: PosAttnLayers, depth: int) -> List[int]:
@@ -319,22 +91,6 @@ def resolve_pos_attn_layers(pos_attn_layers: PosAttnLayers, depth: int) -> List[
     if bad:
         raise ValueError(f'pos_attn_layers has block indices {bad} outside 0..{depth - 1}')
     return indices
-
-
-def _take_indices(num_blocks: int, indices: Optional[Union[int, List[int]]]) -> Tuple[List[int], int]:
-    """Absolute block indices to return (None: all, int n: last n, list: as given, negatives from the end)."""
-    if indices is None:
-        indices = num_blocks
-    if isinstance(indices, int):
-        torch._assert(0 < indices <= num_blocks, f'last-n ({indices}) is out of range (1 to {num_blocks})')
-        take_indices = [num_blocks - indices + i for i in range(indices)]
-    else:
-        take_indices: List[int] = []
-        for i in indices:
-            idx = num_blocks + i if i < 0 else i
-            torch._assert(0 <= idx < num_blocks, f'feature index {idx} is out of range (0 to {num_blocks - 1})')
-            take_indices.append(idx)
-    return take_indices, max(take_indices)
 
 
 class VisionTransformerPosAttn(nn.Module):
@@ -361,6 +117,7 @@ class VisionTransformerPosAttn(nn.Module):
             init_values: Optional[float] = None,
             class_token: bool = True,
             pos_attn_layers: PosAttnLayers = 'all',
+            pos_attn_layer: Union[str, Type[PositionalAttentionMap]] = 'qk',
             pos_attn_norm: bool = True,
             pos_attn_init: str = 'random',
             pos_attn_init_scale: float = 1.0,
@@ -391,19 +148,21 @@ class VisionTransformerPosAttn(nn.Module):
             depth: Number of blocks.
             num_heads: Number of attention heads.
             mlp_ratio: Ratio of MLP hidden dim to embedding dim.
-            qkv_bias: Bias in the Q/K/V projections.
+            qkv_bias: Bias in the Q/K/V projections (positional ones included).
             proj_bias: Bias in the attention output and MLP projections.
             init_values: Layer-scale init values (layer-scale enabled if not None).
             class_token: Use a class token (its position is the first row of the positional table).
             pos_attn_layers: Blocks with positional attention: 'all', 'none', first k, or a list of indices.
-            pos_attn_norm: LayerNorm the positional table in each positional block before Q/K.
-            pos_attn_init: Init of the positional Q/K: 'random' (timm's ViT init: attention starts near uniform) or
-                'local' (Wq = Wk = a per-head identity, so each position first attends mostly to itself, the
-                paper's local init that its simplified model needs to learn own-set patch association).
-            pos_attn_init_scale: beta of the 'local' init: the self logit each head starts with (needs pos_attn_norm).
+            pos_attn_layer: Positional attention layer of those blocks: 'qk' (separate query/key maps of P), 'tied'
+                (one map: symmetric logits), 'logits' (a free logit table), or a `PositionalAttentionMap` class.
+            pos_attn_norm: LayerNorm the positional table in each positional block before projecting it.
+            pos_attn_init: Init of the positional attention: 'random' (timm's ViT init: attention starts near
+                uniform) or 'local' (each position first attends mostly to itself, A ≈ softmax(beta·I): the paper's
+                local init).
+            pos_attn_init_scale: beta of the 'local' init: the self logit each head starts with.
             fc_norm: Norm after pooling instead of before (default: True for avg pooling).
             dynamic_img_size: Accept any input size: positional table resampled and attention recomputed per grid.
-            dynamic_img_pad: Pad inputs not divisible by the patch size (only with dynamic_img_size).
+            dynamic_img_pad: Pad inputs not divisible by the patch size (needs dynamic_img_size).
             drop_rate: Head dropout rate.
             pos_drop_rate: Dropout on tokens after the position embedding is added.
             proj_drop_rate: Projection dropout rate.
@@ -417,12 +176,15 @@ class VisionTransformerPosAttn(nn.Module):
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
-        if global_pool not in ('', 'avg', 'avgmax', 'max', 'token'):
-            raise ValueError(f"global_pool must be one of 'token', 'avg', 'avgmax', 'max' or '', got {global_pool!r}")
-        if global_pool == 'token' and not class_token:
-            raise ValueError("global_pool='token' needs class_token=True")
+        _check_global_pool(global_pool, class_token)
         if embed_dim % num_heads:
             raise ValueError(f'embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})')
+        if pos_attn_init not in ('random', 'local'):
+            raise ValueError(f"pos_attn_init must be 'random' or 'local', got {pos_attn_init!r}")
+        if dynamic_img_pad and not dynamic_img_size:
+            raise ValueError('dynamic_img_pad needs dynamic_img_size=True (padded inputs have a larger patch grid)')
+        if not dynamic_img_pad:
+            _check_divisible(img_size, patch_size)
         use_fc_norm = global_pool in ('avg', 'avgmax', 'max') if fc_norm is None else fc_norm
         norm_layer = get_norm_layer(norm_layer) or LayerNorm
         act_layer = get_act_layer(act_layer) or nn.GELU
@@ -438,10 +200,6 @@ class VisionTransformerPosAttn(nn.Module):
         self.dynamic_img_size = dynamic_img_size
         self.grad_checkpointing = False
         self.pos_attn_indices = resolve_pos_attn_layers(pos_attn_layers, depth)
-        if pos_attn_init not in ('random', 'local'):
-            raise ValueError(f"pos_attn_init must be 'random' or 'local', got {pos_attn_init!r}")
-        if pos_attn_init == 'local' and not pos_attn_norm:
-            raise ValueError("pos_attn_init='local' needs pos_attn_norm=True (it relies on unit-variance LN(P) rows)")
         self.pos_attn_init = pos_attn_init
         self.pos_attn_init_scale = float(pos_attn_init_scale)
 
@@ -479,10 +237,18 @@ class VisionTransformerPosAttn(nn.Module):
             mlp_layer=mlp_layer,
             **dd,
         )
-        self.blocks = nn.Sequential(*[
-            PositionalBlock(drop_path=dpr[i], pos_norm=pos_attn_norm, **block_args)
+        pos_block_args = dict(
+            grid_size=self.patch_embed.grid_size,
+            num_prefix_tokens=self.num_prefix_tokens,
+            pos_attn_layer=pos_attn_layer,
+            pos_norm=pos_attn_norm,
+        )
+        self.blocks = nn.ModuleList([  # not Sequential: positional blocks also take the positional table
+            PositionalBlock(drop_path=dpr[i], **pos_block_args, **block_args)
             if i in self.pos_attn_indices else StandardBlock(drop_path=dpr[i], **block_args)
             for i in range(depth)])
+        for blk in self._positional_blocks():
+            blk.attn.pos_source = self._native_pos_table  # what reparameterize() computes A from
         self.feature_info = [
             dict(module=f'blocks.{i}', num_chs=embed_dim, reduction=reduction) for i in range(depth)]
         self.norm = norm_layer(embed_dim, **dd) if not use_fc_norm else nn.Identity()
@@ -491,7 +257,6 @@ class VisionTransformerPosAttn(nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
 
-        self._attn_cache = None  # (key, attention per block), eval + no-grad only; see _cached_attention
         self.weight_init_mode = 'reset' if weight_init == 'skip' else weight_init
         if weight_init != 'skip':
             self.init_weights(needs_reset=False)
@@ -506,24 +271,19 @@ class VisionTransformerPosAttn(nn.Module):
             nn.init.normal_(self.cls_token, std=1e-6)
         named_apply(get_init_weights_vit(mode, head_bias, needs_reset=needs_reset), self)
         if self.pos_attn_init == 'local':
-            self._init_local_pos_attn(self.pos_attn_init_scale)
+            for blk in self._positional_blocks():
+                blk.attn.pos_map.init_local(self.pos_attn_init_scale)
 
-    @torch.no_grad()
-    def _init_local_pos_attn(self, beta: float) -> None:
-        """Wq = Wk = sqrt(beta / sqrt(d_head))·I, no Q/K bias: with unit-variance LN(P) rows head h's self logit is
-        (1/sqrt(d_head))·(beta/sqrt(d_head))·|LN(P)_i[h]|^2 ~ beta, the other logits ~ N(0, beta^2 / d_head)."""
-        for i in self.pos_attn_indices:
-            qk = self.blocks[i].attn.qk
-            head_dim = self.blocks[i].attn.head_dim
-            dim = qk.in_features
-            eye = torch.eye(dim, device=qk.weight.device, dtype=qk.weight.dtype) * math.sqrt(beta / math.sqrt(head_dim))
-            qk.weight.copy_(torch.cat([eye, eye], dim=0))
-            if qk.bias is not None:
-                qk.bias.zero_()
+    def _positional_blocks(self) -> List[PositionalBlock]:
+        return [blk for blk in self.blocks if isinstance(blk, PositionalBlock)]
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
-        return {'pos_embed', 'cls_token'}
+        names = {'pos_embed', 'cls_token'}
+        for i, blk in enumerate(self.blocks):
+            if isinstance(blk, PositionalBlock):
+                names |= {f'blocks.{i}.attn.pos_map.{n}' for n in blk.attn.pos_map.no_weight_decay()}
+        return names
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
@@ -544,10 +304,7 @@ class VisionTransformerPosAttn(nn.Module):
         dd = get_device_dtype(self)
         self.num_classes = num_classes
         if global_pool is not None:
-            if global_pool not in ('', 'avg', 'avgmax', 'max', 'token'):
-                raise ValueError(f"global_pool must be one of 'token', 'avg', 'avgmax', 'max' or '', got {global_pool!r}")
-            if global_pool == 'token' and not self.has_class_token:
-                raise ValueError("global_pool='token' needs the class token")
+            _check_global_pool(global_pool, self.has_class_token)
             self.global_pool = global_pool
         self.head = nn.Linear(self.embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
         self.head.train(self.training)
@@ -558,14 +315,20 @@ class VisionTransformerPosAttn(nn.Module):
             img_size: Optional[Tuple[int, int]] = None,
             patch_size: Optional[Tuple[int, int]] = None,
     ) -> None:
-        """Change the input resolution (and patch size): the positional table is resampled to the new grid."""
+        """Change the input resolution (and patch size): the positional table and the positional attention layers
+        are resampled to the new grid."""
+        if img_size is not None and not getattr(self.patch_embed, 'dynamic_img_pad', False):
+            _check_divisible(img_size, patch_size or self.patch_embed.patch_size)
         prev_grid_size = self.patch_embed.grid_size
         self.patch_embed.set_input_size(img_size=img_size, patch_size=patch_size)
+        grid_size = self.patch_embed.grid_size
+        for blk in self._positional_blocks():
+            blk.attn.pos_map.set_grid_size(grid_size)  # refuses before anything changes if it cannot follow
         num_new_tokens = self.patch_embed.num_patches + self.num_prefix_tokens
-        if num_new_tokens != self.pos_embed.shape[1] or self.patch_embed.grid_size != prev_grid_size:
+        if num_new_tokens != self.pos_embed.shape[1] or grid_size != prev_grid_size:
             self.pos_embed = nn.Parameter(resample_abs_pos_embed(
                 self.pos_embed,
-                new_size=self.patch_embed.grid_size,
+                new_size=grid_size,
                 old_size=prev_grid_size,
                 num_prefix_tokens=self.num_prefix_tokens,
                 verbose=True,
@@ -576,7 +339,7 @@ class VisionTransformerPosAttn(nn.Module):
         except ImportError:
             pass
 
-    def _pos_table(self, grid_size: Tuple[int, int]) -> torch.Tensor:
+    def _pos_table(self, grid_size: GridSize) -> torch.Tensor:
         """The positional table P (1, N, C) for a patch grid: class token row first, resampled if the grid changed.
 
         Kept with its leading 1 rather than indexed: under no-grad, `param[0]` is a view that claims requires_grad
@@ -591,89 +354,48 @@ class VisionTransformerPosAttn(nn.Module):
             num_prefix_tokens=self.num_prefix_tokens,
         )
 
-    def _compute_attention(self, pos: torch.Tensor) -> List[Optional[torch.Tensor]]:
-        attn: List[Optional[torch.Tensor]] = []
-        for blk in self.blocks:
-            attn.append(blk.positional_attention(pos))
-        return attn
+    @torch.jit.ignore
+    def _native_pos_table(self) -> Tuple[torch.Tensor, GridSize]:
+        """(P, grid) of the model's own grid: what a positional layer's reparameterize() bakes its attention from."""
+        grid_size = tuple(self.patch_embed.grid_size)
+        return self._pos_table(grid_size), grid_size
 
-    @torch.jit.unused
-    def _cache_key(self, grid_size: Tuple[int, int]) -> Tuple[Any, ...]:
-        """What the eval attention depends on: the parameters (identity, storage, version), grid, device, autocast.
-
-        The cache holds the parameter objects themselves, so none can be freed and its storage reused unnoticed;
-        an optimizer step, `load_state_dict` or any in-place change bumps a parameter's version.
-        """
-        params = [self.pos_embed]
-        for i in self.pos_attn_indices:
-            if i < len(self.blocks):
-                params.extend(self.blocks[i].attn.pos_norm.parameters())
-                params.extend(self.blocks[i].attn.qk.parameters())
-        device_type = self.pos_embed.device.type
-        autocast = torch.is_autocast_enabled(device_type) if device_type in ('cuda', 'cpu') else False
-        return (
-            tuple(grid_size), autocast, len(self.blocks),
-            tuple((p, p.data_ptr(), p._version, p.dtype, p.device) for p in params),
-        )
-
-    @staticmethod
-    def _same_key(a: Tuple[Any, ...], b: Tuple[Any, ...]) -> bool:
-        if a[:3] != b[:3] or len(a[3]) != len(b[3]):
-            return False
-        return all(pa is pb and rest_a == rest_b for (pa, *rest_a), (pb, *rest_b) in zip(a[3], b[3]))
-
-    @torch.jit.unused
-    def _cached_attention(self, grid_size: Tuple[int, int]) -> List[Optional[torch.Tensor]]:
-        key = self._cache_key(grid_size)
-        if self._attn_cache is None or not self._same_key(self._attn_cache[0], key):
-            self._attn_cache = (key, self._compute_attention(self._pos_table(grid_size)))
-        return self._attn_cache[1]
-
-    def _positional_attention(self, grid_size: Tuple[int, int]) -> List[Optional[torch.Tensor]]:
-        """One attention matrix per positional block (None for standard blocks), shared by the whole batch."""
-        if torch.jit.is_scripting():
-            return self._compute_attention(self._pos_table(grid_size))
-        if (
-                not self.training and not torch.is_grad_enabled()
-                and not torch.compiler.is_compiling() and not _is_fx_tracing()
-        ):
-            return self._cached_attention(grid_size)
-        self._attn_cache = None  # training changes the parameters: never keep a copy that could go stale
-        return self._compute_attention(self._pos_table(grid_size))
+    def _grid_size_for(self, img_size: Optional[Union[int, Tuple[int, int]]]) -> GridSize:
+        if img_size is None:
+            return tuple(self.patch_embed.grid_size)
+        return tuple(self.patch_embed.dynamic_feat_size(to_2tuple(img_size)))
 
     @torch.jit.ignore
     def get_attention_maps(self, img_size: Optional[Union[int, Tuple[int, int]]] = None) -> torch.Tensor:
         """Positional attention of every positional block: (blocks, heads, N, N), rows sum to 1. Needs no image.
 
         N = num_prefix_tokens + grid_h * grid_w (class token first). `img_size` gives the maps of another
-        resolution (the positional table is resampled as in a forward at that size).
+        resolution (computed as a forward at that size would).
         """
-        if not self.pos_attn_indices:
+        blocks = self._positional_blocks()
+        if not blocks:
             raise ValueError('this model has no positional-attention blocks (pos_attn_layers=none)')
-        grid_size = self.patch_embed.grid_size
-        if img_size is not None:
-            grid_size = self.patch_embed.dynamic_feat_size(
-                (img_size, img_size) if isinstance(img_size, int) else tuple(img_size))
+        grid_size = self._grid_size_for(img_size)
         with torch.no_grad():
-            attn = self._compute_attention(self._pos_table(tuple(grid_size)))
-        return torch.stack([a for a in attn if a is not None])
+            pos = self._pos_table(grid_size)
+            return torch.stack([blk.attn.pos_map(pos, grid_size) for blk in blocks])
 
-    def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
-        """Patch-embed, add positions, prepend the class token; returns the tokens and the patch grid."""
+    def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, GridSize]:
+        """Patch-embed, add positions, prepend the class token; returns the tokens, the positional table, the grid."""
         torch._assert(x.ndim == 4, 'expected an image batch of shape (B, C, H, W)')
         torch._assert(x.shape[1] == self.in_chans, f'expected an input of shape (B, {self.in_chans}, H, W)')
         x = self.patch_embed(x)
         if self.dynamic_img_size:
             B, H, W, C = x.shape
             grid_size = (H, W)
-            x = x.view(B, -1, C)
+            x = x.reshape(B, H * W, C)
         else:
             grid_size = self.patch_embed.grid_size
         pos = self._pos_table(grid_size)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         x = self.pos_drop(x + pos)
-        return x, grid_size
+        return x, pos, grid_size
 
     def forward_intermediates(
             self,
@@ -699,18 +421,17 @@ class VisionTransformerPosAttn(nn.Module):
         assert output_fmt in ('NCHW', 'NLC'), 'Output format must be one of NCHW or NLC.'
         reshape = output_fmt == 'NCHW'
         intermediates = []
-        take_indices, max_index = _take_indices(len(self.blocks), indices)
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
 
-        B, _, height, width = x.shape
-        x, grid_size = self._embed(x)
-        pos_attn = self._positional_attention(grid_size)
+        B = x.shape[0]
+        x, pos, grid_size = self._embed(x)
         last_index = len(self.blocks) - 1 if torch.jit.is_scripting() or not stop_early else max_index
         for i, blk in enumerate(self.blocks):
             if i <= last_index:
                 if self.grad_checkpointing and not torch.jit.is_scripting():
-                    x = checkpoint(blk, x, pos_attn[i])
+                    x = checkpoint(blk, x, pos, grid_size)
                 else:
-                    x = blk(x, pos_attn[i])
+                    x = blk(x, pos, grid_size)
                 if i in take_indices:
                     intermediates.append(self.norm(x) if norm else x)
 
@@ -734,10 +455,9 @@ class VisionTransformerPosAttn(nn.Module):
             prune_head: bool = True,
     ) -> List[int]:
         """Drop the blocks (and optionally norm / head) that the requested intermediates do not need."""
-        take_indices, max_index = _take_indices(len(self.blocks), indices)
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         self.blocks = self.blocks[:max_index + 1]
         self.pos_attn_indices = [i for i in self.pos_attn_indices if i <= max_index]
-        self._attn_cache = None
         if prune_norm:
             self.norm = nn.Identity()
         if prune_head:
@@ -746,13 +466,12 @@ class VisionTransformerPosAttn(nn.Module):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x, grid_size = self._embed(x)
-        pos_attn = self._positional_attention(grid_size)
-        for i, blk in enumerate(self.blocks):
+        x, pos, grid_size = self._embed(x)
+        for blk in self.blocks:
             if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint(blk, x, pos_attn[i])
+                x = checkpoint(blk, x, pos, grid_size)
             else:
-                x = blk(x, pos_attn[i])
+                x = blk(x, pos, grid_size)
         return self.norm(x)
 
     def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
@@ -770,43 +489,35 @@ class VisionTransformerPosAttn(nn.Module):
         x = self.forward_head(x)
         return x
 
-    def train(self, mode: bool = True) -> 'VisionTransformerPosAttn':
-        self._attn_cache = None
-        return super().train(mode)
 
-    def _apply(self, fn, recurse: bool = True):
-        self._attn_cache = None  # .to() / .half() / .cuda(): the cached matrices belong to the old tensors
-        return super()._apply(fn, recurse)
+def _check_global_pool(global_pool: str, class_token: bool) -> None:
+    if global_pool not in ('', 'avg', 'avgmax', 'max', 'token'):
+        raise ValueError(f"global_pool must be one of 'token', 'avg', 'avgmax', 'max' or '', got {global_pool!r}")
+    if global_pool == 'token' and not class_token:
+        raise ValueError("global_pool='token' needs class_token=True")
 
 
-def _remap_block_attention(state_dict: Dict[str, torch.Tensor], model: VisionTransformerPosAttn) -> List[str]:
-    """Convert attention weights between standard (`attn.qkv`) and positional (`attn.qk` + `attn.v`) blocks.
+def _check_divisible(img_size: Union[int, Tuple[int, int]], patch_size: Union[int, Tuple[int, int]]) -> None:
+    """Patches must tile the image: otherwise the last pixel rows/columns would be silently dropped."""
+    img, patch = to_2tuple(img_size), to_2tuple(patch_size)
+    if any(i % p for i, p in zip(img, patch)):
+        raise ValueError(f'img_size {tuple(img)} is not divisible by patch_size {tuple(patch)}: choose a multiple of '
+                         f'the patch size (or dynamic_img_pad=True to pad)')
 
-    Values move across (rows 2C:3C of qkv); positional Q/K and the standard block's image Q/K have no counterpart,
-    so they keep the model's fresh init. Returns the names that were left freshly initialized.
-    """
+
+def _remap_standard_attention(state_dict: Dict[str, torch.Tensor], model: VisionTransformerPosAttn, prefix: str,
+                              model_sd: Dict[str, torch.Tensor]) -> List[str]:
+    """A positional checkpoint into a standard block: values become qkv's value rows, Q/K keep the fresh init."""
     fresh = []
-    model_sd = model.state_dict()
-    for i, blk in enumerate(model.blocks):
-        prefix = f'blocks.{i}.attn.'
-        for suffix in ('weight', 'bias'):
-            qkv, v = f'{prefix}qkv.{suffix}', f'{prefix}v.{suffix}'
-            if isinstance(blk, PositionalBlock) and qkv in state_dict:
-                dim = state_dict[qkv].shape[0] // 3
-                state_dict[v] = state_dict.pop(qkv)[2 * dim:]
-            elif isinstance(blk, StandardBlock) and v in state_dict:
-                qk = model_sd[qkv][:2 * state_dict[v].shape[0]]
-                state_dict[qkv] = torch.cat([qk.to(state_dict[v].dtype), state_dict.pop(v)])
-                state_dict.pop(f'{prefix}qk.{suffix}', None)
-                fresh.append(f'{prefix}qkv.{suffix}[q,k rows]')
-        if isinstance(blk, PositionalBlock):
-            for name in [k for k in model_sd if k.startswith(prefix + 'qk.') or k.startswith(prefix + 'pos_norm.')]:
-                if name not in state_dict:
-                    state_dict[name] = model_sd[name]
-                    fresh.append(name)
-        else:
-            for name in [k for k in state_dict if k.startswith(prefix + 'pos_norm.')]:
-                state_dict.pop(name)
+    for suffix in ('weight', 'bias'):
+        v = f'{prefix}v.{suffix}'
+        if v in state_dict:
+            qkv = f'{prefix}qkv.{suffix}'
+            qk = model_sd[qkv][:2 * state_dict[v].shape[0]]
+            state_dict[qkv] = torch.cat([qk.to(state_dict[v].dtype), state_dict.pop(v)])
+            fresh.append(f'{qkv}[q,k rows]')
+    for key in [k for k in state_dict if k.startswith((prefix + 'pos_map.', prefix + 'qk.', prefix + 'pos_norm.'))]:
+        state_dict.pop(key)
     return fresh
 
 
@@ -816,10 +527,11 @@ def checkpoint_filter_fn(
         interpolation: str = 'bicubic',
         antialias: bool = True,
 ) -> Dict[str, torch.Tensor]:
-    """Adapt a checkpoint to `model`: ours or a standard timm ViT of the same width and depth, any resolution.
+    """Adapt a checkpoint to `model`: ours (any positional attention layer the model's can convert, any grid) or a
+    standard timm ViT of the same width and depth, at any resolution.
 
-    Position embeddings and patch kernels are resampled to the model's grid; attention weights are converted between
-    standard and positional blocks (values and output projections kept, the rest freshly initialized and logged).
+    Position embeddings and patch kernels are resampled to the model's grid; attention weights are converted by each
+    block's layer (values and output projections kept; what has no counterpart freshly initialized and logged).
     """
     state_dict = state_dict.get('model', state_dict)
     state_dict = state_dict.get('state_dict', state_dict)
@@ -867,55 +579,53 @@ def checkpoint_filter_fn(
             continue
         out_dict[k] = v
 
-    fresh = _remap_block_attention(out_dict, model)
+    fresh = []
+    model_sd = model.state_dict()
+    for i, blk in enumerate(model.blocks):
+        prefix = f'blocks.{i}.attn.'
+        if isinstance(blk, PositionalBlock):
+            fresh += blk.attn.filter_state_dict(out_dict, prefix)
+        else:
+            fresh += _remap_standard_attention(out_dict, model, prefix, model_sd)
     if fresh:
         _logger.info(f'Freshly initialized (no counterpart in the checkpoint): {", ".join(fresh)}')
     return out_dict
 
 
-def _check_kwargs(kwargs: Dict[str, Any]) -> None:
-    """Reject unknown model kwargs with the list of accepted ones (a typo must not pass silently)."""
-    accepted = set(inspect.signature(VisionTransformerPosAttn.__init__).parameters) - {'self'}
-    accepted |= {
-        'pretrained_cfg', 'pretrained_cfg_overlay', 'pretrained_strict', 'cache_dir', 'features_only',
-        'out_indices', 'feature_cls', 'feature_cfg', 'output_stride', 'pretrained_model_args', 'pruned',
-        'kwargs_filter', 'model_cfg',
-    }
-    unknown = sorted(set(kwargs) - accepted)
-    if unknown:
-        raise TypeError(
-            f'Unknown model kwargs {unknown} for a positional-attention ViT; accepted: {sorted(accepted)}')
+_UNEXPECTED_KWARG = re.compile(r"unexpected keyword argument '(\w+)'")
 
 
 def _create_vit_posattn(variant: str, pretrained: bool = False, **kwargs) -> VisionTransformerPosAttn:
-    _check_kwargs(kwargs)
     out_indices = kwargs.pop('out_indices', 3)
-    return build_model_with_cfg(
-        VisionTransformerPosAttn,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-        **kwargs,
-    )
-
-
-CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
-SVHN_MEAN, SVHN_STD = (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)
+    try:
+        return build_model_with_cfg(
+            VisionTransformerPosAttn,
+            variant,
+            pretrained,
+            pretrained_filter_fn=checkpoint_filter_fn,
+            feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+            **kwargs,
+        )
+    except TypeError as e:  # a typo in a model kwarg must not pass silently, nor end in a bare TypeError
+        match = _UNEXPECTED_KWARG.search(str(e))
+        if match is None or 'VisionTransformerPosAttn' not in str(e):
+            raise
+        accepted = sorted(set(inspect.signature(VisionTransformerPosAttn.__init__).parameters) - {'self'})
+        raise TypeError(f'Unknown model kwarg {match.group(1)!r} for {variant}; accepted: {accepted}') from None
 
 
 def _cfg(name: str = '', **kwargs) -> Dict[str, Any]:
+    imagenet = DATASETS['imagenet']
     return {
         'url': '',
-        'num_classes': 1000,
-        'input_size': (3, 224, 224),
+        'num_classes': imagenet.num_classes,
+        'input_size': imagenet.input_size,
         'pool_size': None,
-        'crop_pct': .9,
-        'interpolation': 'bicubic',
+        'crop_pct': imagenet.crop_pct,
+        'interpolation': imagenet.interpolation,
         'fixed_input_size': True,
-        'mean': IMAGENET_DEFAULT_MEAN,
-        'std': IMAGENET_DEFAULT_STD,
+        'mean': imagenet.mean,
+        'std': imagenet.std,
         'first_conv': 'patch_embed.proj',
         'classifier': 'head',
         'license': 'apache-2.0',
@@ -926,25 +636,25 @@ def _cfg(name: str = '', **kwargs) -> Dict[str, Any]:
     }
 
 
-def _cfg_32(name: str, mean: Tuple[float, ...], std: Tuple[float, ...], num_classes: int, **kwargs) -> Dict[str, Any]:
-    return _cfg(name, num_classes=num_classes, input_size=(3, 32, 32), crop_pct=1.0, mean=mean, std=std, **kwargs)
+def _cfg_dataset(name: str, **kwargs) -> Dict[str, Any]:
+    """The cfg of a tag trained on a dataset of the table: its classes, size, normalization and eval transform."""
+    info = DATASETS[name.split('.')[-1]]
+    cfg = dict(num_classes=info.num_classes, input_size=info.input_size, crop_pct=info.crop_pct,
+               interpolation=info.interpolation, mean=info.mean, std=info.std)
+    if info.label_names is not None:
+        cfg['label_names'] = info.label_names
+    return _cfg(name, **{**cfg, **kwargs})
 
 
 default_cfgs = generate_default_cfgs({
     'vit_posattn_tiny_patch16_224.in1k': _cfg('vit_posattn_tiny_patch16_224.in1k'),
     'vit_posattn_small_patch16_224.in1k': _cfg('vit_posattn_small_patch16_224.in1k'),
     'vit_posattn_base_patch16_224.in1k': _cfg('vit_posattn_base_patch16_224.in1k'),
-    'vit_posattn_small_patch4_32.cifar10': _cfg_32(
-        'vit_posattn_small_patch4_32.cifar10', CIFAR10_MEAN, CIFAR10_STD, 10),
-    'vit_posattn_small_patch4_32.cifar100': _cfg_32(
-        'vit_posattn_small_patch4_32.cifar100', CIFAR100_MEAN, CIFAR100_STD, 100),
-    'vit_posattn_small_patch4_32.svhn': _cfg_32(
-        'vit_posattn_small_patch4_32.svhn', SVHN_MEAN, SVHN_STD, 10, interpolation='bilinear'),
-    'vit_posattn_tiny_patch4_32.cifar10': _cfg_32(
-        'vit_posattn_tiny_patch4_32.cifar10', CIFAR10_MEAN, CIFAR10_STD, 10),
-    'vit_posattn_tiny_patch4_32.structured': _cfg_32(
-        'vit_posattn_tiny_patch4_32.structured', STRUCTURED_MEAN, STRUCTURED_STD, 2,
-        interpolation='nearest', label_names=('-1', '+1')),
+    'vit_posattn_small_patch4_32.cifar10': _cfg_dataset('vit_posattn_small_patch4_32.cifar10'),
+    'vit_posattn_small_patch4_32.cifar100': _cfg_dataset('vit_posattn_small_patch4_32.cifar100'),
+    'vit_posattn_small_patch4_32.svhn': _cfg_dataset('vit_posattn_small_patch4_32.svhn'),
+    'vit_posattn_tiny_patch4_32.cifar10': _cfg_dataset('vit_posattn_tiny_patch4_32.cifar10'),
+    'vit_posattn_tiny_patch4_32.structured': _cfg_dataset('vit_posattn_tiny_patch4_32.structured'),
 })
 
 
