@@ -1,0 +1,122 @@
+"""One error policy for every command (train.py, validate.py, `python -m timm_posattn.*`).
+
+An error the user can fix is one line on stderr, ``error: <what was wrong, what was expected>``, and exit code 2; a
+traceback only for real bugs, or for anything with ``--debug``. Ctrl-C prints what the command had saved and exits
+with 130. Numeric options are checked when parsed (`int_range`, `float_range`), with the accepted range in the
+message, and an explicit value is used or refused, never replaced.
+"""
+import argparse
+import logging
+import math
+import sys
+from typing import Any, Callable, NoReturn, Optional, Sequence
+
+__all__ = [
+    'UsageError', 'ArgumentParser', 'int_range', 'float_range', 'run_command', 'EXIT_USAGE', 'EXIT_INTERRUPTED',
+]
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class UsageError(ValueError):
+    """Something the user can fix (a value, a path, a file): printed as one line, exit code 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the package's error policy: a bad option is one line (no usage dump) and exit code 2.
+
+    Adds ``--debug`` (show tracebacks) to every command.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.add_argument('--debug', action='store_true', default=False,
+                          help='show the full traceback of an error (default: one line)')
+
+    def error(self, message: str) -> NoReturn:
+        print(f'error: {message} (see {self.prog} --help)', file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def _number(kind: type, text: Any) -> Any:
+    if isinstance(text, bool):
+        raise argparse.ArgumentTypeError(f'expected a number, got {text!r}')
+    try:
+        value = kind(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f'expected {"an integer" if kind is int else "a number"}, got {text!r}')
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f'expected a finite number, got {text!r}')
+    if kind is int and isinstance(text, float) and text != value:
+        raise argparse.ArgumentTypeError(f'expected an integer, got {text!r}')
+    return value
+
+
+def _range_text(low: Optional[float], high: Optional[float], low_open: bool, high_open: bool) -> str:
+    if low is not None and high is not None:
+        return f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    if low is not None:
+        return f"{'>' if low_open else '>='} {low:g}"
+    return f"{'<' if high_open else '<='} {high:g}"
+
+
+def _ranged(kind: type, low: Optional[float], high: Optional[float], low_open: bool, high_open: bool
+            ) -> Callable[[Any], Any]:
+    accepted = _range_text(low, high, low_open, high_open)
+
+    def parse(text: Any) -> Any:
+        value = _number(kind, text)
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if too_low or too_high:
+            raise argparse.ArgumentTypeError(f'{value:g} is out of range: expected {accepted}')
+        return value
+    parse.__name__ = f'{kind.__name__} {accepted}'  # argparse names the type in its messages
+    return parse
+
+
+def int_range(low: Optional[int] = None, high: Optional[int] = None) -> Callable[[Any], int]:
+    """argparse type: an integer in [low, high] (None: unbounded)."""
+    return _ranged(int, low, high, False, False)
+
+
+def float_range(low: Optional[float] = None, high: Optional[float] = None, low_open: bool = False,
+                high_open: bool = False) -> Callable[[Any], float]:
+    """argparse type: a finite float in [low, high] (open ends with low_open/high_open; None: unbounded)."""
+    return _ranged(float, low, high, low_open, high_open)
+
+
+def _one_line(error: BaseException) -> str:
+    text = ' '.join(str(error).split())  # one line, whatever the exception's message looked like
+    return text or type(error).__name__
+
+
+def run_command(
+        main: Callable[[], Any],
+        argv: Optional[Sequence[str]] = None,
+        user_errors: Sequence[type] = (),
+        on_interrupt: Optional[Callable[[], str]] = None,
+) -> int:
+    """Run a command's ``main()`` under the error policy; returns the exit code.
+
+    ``user_errors``: exception types (besides `UsageError`) that mean bad input: one line, exit 2. ``on_interrupt``
+    says what was saved when Ctrl-C stops the command. ``--debug`` anywhere in ``argv`` re-raises instead.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = '--debug' in argv
+    try:
+        main()
+    except (UsageError, *user_errors) as e:
+        if debug:
+            raise
+        logging.shutdown()
+        print(f'error: {_one_line(e)}', file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        saved = on_interrupt() if on_interrupt is not None else ''
+        print(f'interrupted{": " + saved if saved else ""}', file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return 0

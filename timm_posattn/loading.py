@@ -1,0 +1,471 @@
+"""One loading path: the train.py checkpoint format, and every way a command gets a model.
+
+Everything that reads weights goes through here: train.py (`--resume`, `--initial-checkpoint`, the distillation
+teacher), validate.py, visualize, publish and convert. This module owns
+
+  * the train.py checkpoint format (`make_checkpoint` writes it, `read_checkpoint` reads it): the architecture, the
+    model kwargs and data arguments of the run, plain and EMA weights, the epoch and the metric it was ranked by;
+  * which weights a checkpoint stands for (`TrainCheckpoint.weights`): the EMA weights when the run kept them,
+    because those are what it evaluated and ranked;
+  * `load_model(source)`: a registered name (`name.tag` with `pretrained=True`), a train.py checkpoint or weights
+    file, `hf-hub:ORG/REPO[@rev]`, `local-dir:DIR` or a folder, with the sha256 recorded at publishing checked, a
+    clear error when `import timm_posattn` (or another plugin) is missing, and non-finite weights refused.
+
+Every error a user can fix is a `LoadError` with a one-line message.
+"""
+import argparse
+import hashlib
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+import timm
+from timm.models import clean_state_dict, is_model, parse_model_name, resolve_pretrained_cfg, split_model_name_tag
+
+from .cli import UsageError
+
+__all__ = [
+    'LoadError', 'WeightsFileError', 'UnknownArchitectureError', 'NonFiniteWeightsError', 'TrainCheckpoint',
+    'WEIGHTS_NAME', 'PUBLISH_INFO_KEY', 'CHECKPOINT_VERSION', 'make_checkpoint', 'read_checkpoint',
+    'checkpoint_model_kwargs', 'check_finite', 'check_safetensors', 'sha256_file', 'read_model_config',
+    'require_registered', 'build_model', 'load_weights', 'load_model',
+]
+
+_logger = logging.getLogger(__name__)
+
+WEIGHTS_NAME = 'model.safetensors'  # the file timm's hub loaders look for first
+PUBLISH_INFO_KEY = 'timm_posattn'  # config.json section written by publish (ignored by timm itself)
+CHECKPOINT_VERSION = 2  # timm's convention: version >= 2 stores the epoch that was completed
+_SHA256_RE = re.compile(r'[0-9a-f]{64}')
+
+
+class LoadError(UsageError):
+    """A model or checkpoint could not be loaded for a reason the user can fix; the message is one line."""
+
+
+class WeightsFileError(LoadError):
+    """A weights file is missing, truncated, corrupted or does not match its recorded checksum."""
+
+
+class UnknownArchitectureError(LoadError):
+    """The architecture named by a model folder / repo / name / checkpoint is not registered with timm."""
+
+
+class NonFiniteWeightsError(LoadError):
+    """Weights hold NaN or inf: any result computed from them would be meaningless."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The train.py checkpoint format
+
+
+def _plain(value: Any) -> Any:
+    """Plain Python values only, so checkpoints load with torch.load(weights_only=True)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return str(value)
+
+
+def make_checkpoint(
+        arch: str,
+        epoch: int,
+        state_dict: Dict[str, torch.Tensor],
+        args: Optional[Mapping[str, Any]] = None,
+        state_dict_ema: Optional[Dict[str, torch.Tensor]] = None,
+        metric: Optional[float] = None,
+        **extra: Any,
+) -> Dict[str, Any]:
+    """The dict train.py saves (and `read_checkpoint` reads): timm's checkpoint layout with `args` as a plain dict.
+
+    `extra` carries training state (optimizer, AMP scaler, saver history) under timm's key names.
+    """
+    checkpoint = {'epoch': epoch, 'arch': arch, 'state_dict': state_dict, 'version': CHECKPOINT_VERSION}
+    if args is not None:
+        checkpoint['args'] = _plain(dict(args))
+    if state_dict_ema is not None:
+        checkpoint['state_dict_ema'] = state_dict_ema
+    if metric is not None:
+        checkpoint['metric'] = metric
+    checkpoint.update(extra)
+    return checkpoint
+
+
+@dataclass
+class TrainCheckpoint:
+    """What a checkpoint file holds, read once."""
+    path: str
+    state_dict: Dict[str, torch.Tensor]
+    state_dict_ema: Optional[Dict[str, torch.Tensor]] = None
+    arch: Optional[str] = None
+    args: Dict[str, Any] = field(default_factory=dict)
+    epoch: Optional[int] = None
+    metric: Optional[float] = None
+    raw: Dict[str, Any] = field(default_factory=dict)  # everything else (optimizer, saver, scaler state)
+
+    @property
+    def has_ema(self) -> bool:
+        return bool(self.state_dict_ema)
+
+    @property
+    def model_kwargs(self) -> Dict[str, Any]:
+        """Keyword arguments that rebuild the model the weights belong to (see `checkpoint_model_kwargs`)."""
+        return checkpoint_model_kwargs(self.args, self.state_dict)
+
+    def weights(self, use_ema: Optional[bool] = None) -> Tuple[Dict[str, torch.Tensor], str]:
+        """(state dict, 'state_dict' or 'state_dict_ema'), cleaned of DDP/compile prefixes.
+
+        use_ema: None takes the EMA weights when the checkpoint has them (the run evaluated and ranked those), True
+        requires them, False takes the plain weights.
+        """
+        if use_ema and not self.has_ema:
+            raise LoadError(f"{self.path}: --use-ema asked for EMA weights, but the checkpoint has none "
+                            f"(it was trained without --model-ema)")
+        key = 'state_dict_ema' if (use_ema is None and self.has_ema) or use_ema else 'state_dict'
+        return clean_state_dict(getattr(self, key)), key
+
+
+def _torch_load(path: str, mmap: bool = False) -> Any:
+    """torch.load with weights_only=True; timm's own checkpoints may store argparse.Namespace args (allowed)."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
+
+
+def read_checkpoint(path: Union[str, Path], mmap: bool = False) -> TrainCheckpoint:
+    """Read a train.py checkpoint, a timm checkpoint, a bare state dict or a .safetensors file, without unpickling
+    anything but tensors and plain values. Raises `WeightsFileError` (one line) for anything else."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise WeightsFileError(f"checkpoint '{path}' not found" + (' (it is a folder: use local-dir:)'
+                                                                   if os.path.isdir(path) else ''))
+    if path.endswith('.safetensors'):
+        check_safetensors(path)
+        from safetensors.torch import load_file
+        return TrainCheckpoint(path=path, state_dict=load_file(path))
+    try:
+        ckpt = _torch_load(path, mmap=mmap)
+    except Exception as e:
+        detail = ' '.join(str(e).split())[:200] or type(e).__name__
+        raise WeightsFileError(f"could not read checkpoint '{path}' (truncated, damaged or not a PyTorch "
+                               f"checkpoint; loaded with weights_only=True): {detail}") from None
+    if not isinstance(ckpt, dict):
+        raise WeightsFileError(f"'{path}' holds a {type(ckpt).__name__}, expected a checkpoint dict or a state dict")
+    if 'state_dict' not in ckpt and 'state_dict_ema' not in ckpt:
+        if ckpt.get('model') is not None and isinstance(ckpt['model'], dict):
+            ckpt = dict(ckpt, state_dict=ckpt['model'])  # DeiT-style {'model': state_dict}
+        elif ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+            ckpt = {'state_dict': ckpt}  # a bare state dict
+        else:
+            raise WeightsFileError(f"'{path}' has no weights: expected 'state_dict' (train.py / timm) or a state "
+                                   f"dict, found keys {sorted(ckpt)[:8]}")
+    args = ckpt.get('args') or {}
+    if isinstance(args, argparse.Namespace):
+        args = vars(args)
+    if not isinstance(args, dict):
+        raise WeightsFileError(f"'{path}': 'args' must be a dict of training arguments, got {type(args).__name__}")
+    state_dict = ckpt.get('state_dict') or ckpt.get('state_dict_ema')
+    known = ('state_dict', 'state_dict_ema', 'arch', 'args', 'epoch', 'metric', 'model')
+    return TrainCheckpoint(
+        path=path, state_dict=state_dict, state_dict_ema=ckpt.get('state_dict_ema'), arch=ckpt.get('arch'),
+        args=args, epoch=ckpt.get('epoch'), metric=ckpt.get('metric'),
+        raw={k: v for k, v in ckpt.items() if k not in known})
+
+
+def checkpoint_model_kwargs(args: Mapping[str, Any], state_dict: Optional[Mapping[str, torch.Tensor]] = None
+                            ) -> Dict[str, Any]:
+    """The `create_model` kwargs a train.py run used (its --model-kwargs, classes, channels, size, pooling)."""
+    kwargs: Dict[str, Any] = {}
+    for key in ('num_classes', 'in_chans', 'img_size'):
+        if args.get(key) is not None:
+            kwargs[key] = args[key]
+    if args.get('input_size'):
+        kwargs['in_chans'] = args['input_size'][0]
+        kwargs['img_size'] = tuple(args['input_size'][1:])
+    if args.get('gp'):
+        kwargs['global_pool'] = args['gp']
+    kwargs.update(args.get('model_kwargs') or {})
+    if 'num_classes' not in kwargs and state_dict is not None and 'head.weight' in state_dict:
+        kwargs['num_classes'] = int(state_dict['head.weight'].shape[0])
+    return kwargs
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Checks
+
+
+def check_finite(tensors: Union[nn.Module, Mapping[str, torch.Tensor]], origin: str) -> None:
+    """Refuse weights that hold NaN or inf, naming the first such tensor."""
+    items = tensors.state_dict().items() if isinstance(tensors, nn.Module) else tensors.items()
+    for name, value in items:
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+            bad = int((~torch.isfinite(value)).sum())
+            raise NonFiniteWeightsError(f'{origin}: {name} holds {bad} non-finite value(s) (NaN or inf) of '
+                                        f'{value.numel()}; results from these weights would be meaningless')
+
+
+def sha256_file(path: Union[str, Path]) -> str:
+    """Hex sha256 of a file, read in chunks (weights can be hundreds of MB)."""
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_safetensors(path: Union[str, Path], expected_sha256: Optional[str] = None) -> None:
+    """Check a .safetensors file's structure with the safetensors library (truncation, trailing bytes, a damaged
+    header) and, when a checksum was recorded, its sha256 (which also catches flipped bits inside tensor data)."""
+    from safetensors import SafetensorError, safe_open
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsFileError(f'{path}: weights file not found (expected a {WEIGHTS_NAME} file)')
+    try:
+        with safe_open(str(path), framework='pt'):
+            pass
+    except SafetensorError as e:
+        raise WeightsFileError(f'{path}: damaged or incomplete safetensors file ({" ".join(str(e).split())}); '
+                               f'download or publish it again') from None
+    if expected_sha256:
+        actual = sha256_file(path)
+        if actual != expected_sha256.lower():
+            raise WeightsFileError(f'{path}: sha256 {actual} does not match the recorded {expected_sha256}: the '
+                                   f'file is not the one that was published; download or publish it again')
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Sources
+
+
+def read_model_config(folder: Union[str, Path]) -> Dict[str, Any]:
+    """Parse `config.json` of a timm model folder, with errors naming the folder and the missing field."""
+    cfg_file = Path(folder) / 'config.json'
+    if not cfg_file.is_file():
+        raise LoadError(f'{cfg_file} not found: expected a timm model folder (config.json + {WEIGHTS_NAME}) as '
+                        f'written by `python -m timm_posattn.publish` or timm.models.save_for_hf')
+    try:
+        cfg = json.loads(cfg_file.read_text(encoding='utf-8'))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LoadError(f'{cfg_file} is not valid JSON: {e}') from None
+    if not isinstance(cfg, dict) or 'architecture' not in cfg:
+        raise LoadError(f"{cfg_file} has no 'architecture' field; it is not a timm model config")
+    return cfg
+
+
+def _package_version() -> str:
+    from . import __version__
+    return __version__
+
+
+def require_registered(architecture: str, origin: str) -> None:
+    """Raise an error that tells the user which import registers `architecture`."""
+    if is_model(architecture):
+        return
+    if architecture.startswith('vit_posattn'):
+        detail = (f'`import timm_posattn` registers the vit_posattn_* models, but the installed timm_posattn '
+                  f'({_package_version()}) does not define this one; upgrade timm_posattn')
+    else:
+        detail = ('run `import timm_posattn` before timm.create_model() for vit_posattn_* models; models of other '
+                  'timm plugins need their package imported the same way')
+    raise UnknownArchitectureError(
+        f'unknown model architecture {architecture!r} (from {origin}): timm has no such model registered; {detail}')
+
+
+def _recorded_sha256(cfg: Mapping[str, Any]) -> Optional[str]:
+    return (cfg.get(PUBLISH_INFO_KEY) or {}).get('weights_sha256')
+
+
+def _blob_sha256(cached_path: str) -> Optional[str]:
+    """Hugging Face caches LFS files as `blobs/<sha256>`: that name is a checksum we get for free."""
+    name = os.path.basename(os.path.realpath(cached_path))
+    return name if _SHA256_RE.fullmatch(name) else None
+
+
+def _hf_download(hub_id: str, filename: str, cache_dir: Optional[Union[str, Path]]) -> Optional[str]:
+    """Download (or find in the cache) one file of a hub repo; None when the repo does not have it."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+    repo_id, _, revision = hub_id.partition('@')  # timm's 'org/repo@revision' form
+    try:
+        return hf_hub_download(repo_id, filename, revision=revision or None, cache_dir=cache_dir,
+                               library_name='timm', library_version=timm.__version__)
+    except LocalEntryNotFoundError:  # (a subclass of EntryNotFoundError: caught first)
+        raise LoadError(f"hf-hub:{hub_id}: {filename} is not in the local Hugging Face cache and the Hub cannot be "
+                        f"reached (offline, HF_HUB_OFFLINE=1, or no network)") from None
+    except EntryNotFoundError:
+        return None
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        raise LoadError(f"hf-hub:{hub_id}: could not get {filename}: {' '.join(str(e).split())[:200]}") from None
+
+
+def _check_hub_weights(hub_id: str, expected_sha256: Optional[str], cache_dir, filename: str = WEIGHTS_NAME) -> None:
+    weights = _hf_download(hub_id, filename, cache_dir) if filename.endswith('.safetensors') else None
+    if weights is not None:
+        check_safetensors(weights, expected_sha256 or _blob_sha256(weights))
+
+
+def _check_local_dir(folder: str) -> None:
+    cfg = read_model_config(folder)
+    require_registered(cfg['architecture'], f'{folder}/config.json')
+    weights = Path(folder) / WEIGHTS_NAME
+    if weights.exists():
+        check_safetensors(weights, _recorded_sha256(cfg))
+
+
+def _check_hf_hub(hub_id: str, cache_dir) -> None:
+    cfg_file = _hf_download(hub_id, 'config.json', cache_dir)
+    if cfg_file is None:
+        raise LoadError(f'Hugging Face repo {hub_id!r} has no config.json; it is not a timm model repo')
+    cfg = read_model_config(Path(cfg_file).parent)
+    require_registered(cfg['architecture'], f'hf-hub:{hub_id} config.json')
+    _check_hub_weights(hub_id, _recorded_sha256(cfg), cache_dir)
+
+
+def _check_registered_name(name: str, pretrained: bool, kwargs: Mapping[str, Any]) -> None:
+    architecture, tag = split_model_name_tag(name)
+    require_registered(architecture, f'model name {name!r}')
+    if not pretrained:
+        return
+    cfg = resolve_pretrained_cfg(architecture, kwargs.get('pretrained_cfg') or tag or None,
+                                 kwargs.get('pretrained_cfg_overlay'))
+    if cfg is None or cfg.state_dict is not None:
+        return
+    if cfg.file:
+        if str(cfg.file).endswith('.safetensors'):
+            check_safetensors(cfg.file)
+    elif cfg.hf_hub_id:
+        from .releases import load_releases
+        release = load_releases().get(f'{architecture}.{tag}' if tag else architecture) or {}
+        _check_hub_weights(cfg.hf_hub_id, release.get('sha256'), kwargs.get('cache_dir'),
+                           filename=cfg.hf_hub_filename or WEIGHTS_NAME)
+
+
+def _parse_source(source: Union[str, Path]) -> Tuple[Optional[str], str]:
+    """(kind, id): kind 'local-dir', 'hf-hub', 'file' or None (a registered name)."""
+    name = str(source)
+    if isinstance(source, Path) or (':' not in name and os.path.exists(name)):
+        if os.path.isfile(name):
+            return 'file', name
+        if not is_model(split_model_name_tag(name)[0]):  # a registered model name wins over a folder of that name
+            return 'local-dir', name
+    return parse_model_name(name)
+
+
+def _create(name: str, origin: str, **kwargs: Any) -> nn.Module:
+    """timm.create_model, with the errors a user can fix (a kwarg the model does not take, a value it refuses, a
+    pretrained tag without weights) turned into one line."""
+    try:
+        return timm.create_model(name, **kwargs)
+    except LoadError:
+        raise
+    except (TypeError, ValueError, AssertionError) as e:
+        raise LoadError(f'could not build {name} ({origin}) with {kwargs or "its defaults"}: '
+                        f'{" ".join(str(e).split())}') from None
+    except RuntimeError as e:
+        if type(e).__name__ == 'SafetensorError' or 'Error(s) in loading state_dict' in str(e):
+            raise WeightsFileError(f'loading the weights of {name} ({origin}) failed: '
+                                   f'{" ".join(str(e).split())[:300]}') from None
+        if 'No pretrained weights exist' in str(e) or 'Invalid pretrained tag' in str(e):
+            raise LoadError(f'{name}: {" ".join(str(e).split())}') from None
+        raise
+
+
+def load_weights(model: nn.Module, checkpoint: Union[str, TrainCheckpoint], use_ema: Optional[bool] = None,
+                 adapt: bool = False) -> str:
+    """Load a checkpoint's weights into `model`; returns which weights ('state_dict' or 'state_dict_ema').
+
+    Strict: every key must fit. With `adapt`, the model family's `checkpoint_filter_fn` first converts what it can
+    (another resolution, another positional attention layer, a standard ViT's attention: logged).
+    """
+    ckpt = checkpoint if isinstance(checkpoint, TrainCheckpoint) else read_checkpoint(checkpoint)
+    state_dict, which = ckpt.weights(use_ema)
+    check_finite(state_dict, ckpt.path)
+    if adapt:
+        from .vit_posattn import VisionTransformerPosAttn, checkpoint_filter_fn
+        if isinstance(model, VisionTransformerPosAttn):
+            try:
+                state_dict = checkpoint_filter_fn(state_dict, model)
+            except ValueError as e:
+                raise LoadError(f'{ckpt.path}: {" ".join(str(e).split())}') from None
+    incompatible = model.load_state_dict(state_dict, strict=False)
+    if incompatible.missing_keys or incompatible.unexpected_keys:
+        raise LoadError(
+            f"{ckpt.path} does not fit {type(model).__name__}: missing {incompatible.missing_keys[:4]}, unexpected "
+            f"{incompatible.unexpected_keys[:4]} (is it another architecture, depth or positional attention layer?)")
+    return which
+
+
+def build_model(ckpt: TrainCheckpoint, name: Optional[str] = None, use_ema: Optional[bool] = None, adapt: bool = False,
+                **kwargs: Any) -> Tuple[nn.Module, str]:
+    """Rebuild the model a checkpoint belongs to and load its weights; returns (model, which weights).
+
+    `name` defaults to the checkpoint's `arch`; its recorded model kwargs are applied, then `kwargs` (explicit values
+    win). A checkpoint recorded for another architecture than `name` is refused.
+    """
+    arch = split_model_name_tag(ckpt.arch)[0] if ckpt.arch else None
+    if name is None:
+        if arch is None:
+            raise LoadError(f'{ckpt.path} does not record its architecture (safetensors or plain weights): give the '
+                            f'model name as well')
+        name = ckpt.arch
+    elif arch is not None and split_model_name_tag(name)[0] != arch and not adapt:
+        raise LoadError(f'{ckpt.path} was trained as {arch!r}, not {split_model_name_tag(name)[0]!r}')
+    require_registered(split_model_name_tag(name)[0], ckpt.path)
+    model_kwargs = {**(ckpt.model_kwargs if arch is None or split_model_name_tag(name)[0] == arch else {}), **kwargs}
+    model = _create(name, ckpt.path, pretrained=False, **model_kwargs)
+    which = load_weights(model, ckpt, use_ema=use_ema, adapt=adapt)
+    return model, which
+
+
+def load_model(
+        source: Union[str, Path],
+        checkpoint: Optional[Union[str, Path]] = None,
+        pretrained: Optional[bool] = None,
+        use_ema: Optional[bool] = None,
+        **kwargs: Any,
+) -> nn.Module:
+    """Any model a command is pointed at, weights verified; `timm.create_model` underneath.
+
+    Args:
+        source: a registered name (`vit_posattn_small_patch4_32.cifar10`), `hf-hub:ORG/REPO[@rev]`, `local-dir:DIR`,
+            a folder, or a checkpoint / weights file (train.py checkpoints record their architecture).
+        checkpoint: weights for a registered name (a train.py checkpoint, timm checkpoint or .safetensors file).
+        pretrained: load the source's own weights; default True for folders and hub repos (what they are for),
+            False for registered names (as in timm).
+        use_ema: for train.py checkpoints: None the EMA weights when present, True require them, False plain.
+        **kwargs: model kwargs (num_classes, img_size, ...), over those a checkpoint records.
+    """
+    kind, model_id = _parse_source(source)
+    if kind == 'file':
+        if checkpoint is not None:
+            raise LoadError(f"'{source}' is itself a checkpoint: pass the model name with checkpoint=, not both files")
+        model, _ = build_model(read_checkpoint(model_id), use_ema=use_ema, **kwargs)
+        return model
+    if checkpoint is not None:
+        if kind is not None:
+            raise LoadError(f'{kind}:{model_id} brings its own weights: do not pass a checkpoint as well')
+        model, _ = build_model(read_checkpoint(checkpoint), model_id, use_ema=use_ema, **kwargs)
+        return model
+    if pretrained is None:
+        pretrained = kind is not None
+    if kind == 'local-dir':
+        _check_local_dir(model_id)
+        name = f'local-dir:{model_id}'
+    elif kind == 'hf-hub':
+        _check_hf_hub(model_id, kwargs.get('cache_dir'))
+        name = f'hf-hub:{model_id}'
+    else:
+        _check_registered_name(model_id, pretrained, kwargs)
+        name = model_id
+    model = _create(name, name, pretrained=pretrained, **kwargs)
+    if pretrained:
+        check_finite(model, name)
+    return model
