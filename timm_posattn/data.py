@@ -11,50 +11,38 @@ from typing import Any, Optional
 from torch.utils.data import Dataset
 from timm.data import create_dataset as timm_create_dataset
 
-__all__ = ['DatasetError', 'create_dataset', 'is_structured', 'STRUCTURED_NAME', 'SVHN_SPLITS']
+from .cli import UsageError
+from .dataset_info import DatasetInfo, get_dataset_info
 
-STRUCTURED_NAME = 'structured'
-SVHN_SPLITS = ('train', 'test', 'extra')
+__all__ = ['DatasetError', 'create_dataset', 'is_structured']
 
-_TRAIN_SYNONYMS = ('train', 'training')
-_EVAL_SYNONYMS = ('val', 'valid', 'validation', 'eval', 'evaluation')
+_STRUCTURED = get_dataset_info('structured')
+_SVHN = get_dataset_info('svhn')
 _FOLDER_NAMES = ('', 'folder', 'image_folder', 'imagefolder')
+_SIZED_BY_NUM_SAMPLES = ('hfids', 'tfds', 'wds')  # timm's iterable readers take num_samples; other datasets do not
 
 
-class DatasetError(ValueError):
+class DatasetError(UsageError):
     """A dataset could not be opened; the message names the dataset, split, path and what was expected."""
 
 
 def is_structured(name: Optional[str]) -> bool:
     """True for the built-in spatially structured dataset of the paper (``structured``)."""
-    return (name or '').lower() == STRUCTURED_NAME
+    return (name or '').lower() in _STRUCTURED.names
 
 
-def _structured_split(split: str) -> str:
-    split = split.split('[')[0].lower()
-    if split in _TRAIN_SYNONYMS:
-        return 'train'
-    if split in _EVAL_SYNONYMS:
-        return 'validation'
-    if split == 'test':
-        return 'test'
-    raise DatasetError(f"dataset 'structured' has no split '{split}': expected train, validation or test")
+def _split(info: DatasetInfo, split: str) -> str:
+    """The loader's split for an accepted split name of a table dataset (`dataset_info` holds the aliases)."""
+    resolved = info.split(split)
+    if resolved is None:
+        raise DatasetError(f"dataset '{info.dataset_name}' has no split '{split}': expected one of "
+                           f"{', '.join(info.splits)}")
+    return resolved
 
 
 def _create_structured(split: str, num_samples: Optional[int], data_seed: int) -> Dataset:
     from .structured import StructuredImageDataset
-    return StructuredImageDataset(split=_structured_split(split), num_samples=num_samples, seed=data_seed)
-
-
-def _svhn_split(split: str) -> str:
-    split = split.split('[')[0].lower()
-    if split in _TRAIN_SYNONYMS:
-        return 'train'
-    if split in _EVAL_SYNONYMS or split == 'test':
-        return 'test'  # SVHN has no validation split; the test split is the one papers report
-    if split == 'extra':
-        return 'extra'
-    raise DatasetError(f"dataset 'torch/svhn' has no split '{split}': expected one of {', '.join(SVHN_SPLITS)}")
+    return StructuredImageDataset(split=_split(_STRUCTURED, split), num_samples=num_samples, seed=data_seed)
 
 
 def _create_svhn(root: Optional[str], split: str, download: bool) -> Dataset:
@@ -62,7 +50,7 @@ def _create_svhn(root: Optional[str], split: str, download: bool) -> Dataset:
     if not root:
         raise DatasetError("dataset 'torch/svhn' needs --data-dir (where the .mat files are; add --dataset-download "
                            "to fetch them)")
-    split = _svhn_split(split)
+    split = _split(_SVHN, split)  # SVHN has no validation split: 'validation' is its test split (papers report it)
     try:
         return SVHN(root=root, split=split, download=download)
     except RuntimeError as e:
@@ -109,7 +97,8 @@ def create_dataset(
         split: Split name; ``validation`` maps to ``test`` for datasets that only have train/test.
         is_training: Passed to timm (shuffling of iterable datasets).
         download: Allow torchvision datasets to download.
-        num_samples: Number of samples of ``structured`` (or of timm's iterable datasets).
+        num_samples: Number of samples of ``structured`` or of timm's iterable datasets (refused for the others,
+            whose size is fixed).
         data_seed: Seed that generates the ``structured`` dataset (its hidden partition and samples).
         **kwargs: Passed through to ``timm.data.create_dataset``.
 
@@ -117,9 +106,12 @@ def create_dataset(
         DatasetError: when the dataset is missing, empty, or the split does not exist.
     """
     name = name or ''
+    if num_samples is not None and not (is_structured(name) or name.partition('/')[0].lower() in _SIZED_BY_NUM_SAMPLES):
+        raise DatasetError(f"dataset '{name or 'image folder'}' has a fixed size: a number of samples applies only to "
+                           f"structured and to iterable datasets ({', '.join(p + '/' for p in _SIZED_BY_NUM_SAMPLES)})")
     if is_structured(name):
         return _create_structured(split, num_samples, data_seed)
-    if name.lower() == 'torch/svhn':
+    if name.lower() == _SVHN.dataset_name:
         return _create_svhn(root, split, download)
 
     _check_root(name, root, download)

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .dataset_info import STRUCTURED_MEAN, STRUCTURED_STD
+from .dataset_info import STRUCTURED_MEAN, STRUCTURED_STD, get_dataset_info
 
 __all__ = [
     'StructuredConfig', 'StructuredImageDataset', 'make_structure', 'orthogonal_feature', 'sample_structured',
@@ -37,7 +37,6 @@ VALUE_RANGE = 3.0
 
 # Sample seeds of the splits are offset so that train/validation/test never share a sample stream.
 _SPLIT_OFFSETS = {'train': 0, 'validation': 1, 'test': 2}
-_SPLIT_ALIASES = {'val': 'validation', 'valid': 'validation', 'eval': 'validation'}
 _DEFAULT_NUM_SAMPLES = {'train': 5000, 'validation': 1000, 'test': 1000}
 
 
@@ -185,9 +184,10 @@ class StructuredImageDataset(Dataset):
             target_transform: Optional[Callable] = None,
             config: Optional[StructuredConfig] = None,
     ):
-        split = _SPLIT_ALIASES.get(split, split)
-        if split not in _SPLIT_OFFSETS:
-            raise ValueError(f"expected split in {sorted(_SPLIT_OFFSETS)} (or 'val'), got {split!r}")
+        info = get_dataset_info('structured')
+        if info.split(split) is None:
+            raise ValueError(f"expected split in {', '.join(info.splits)}, got {split!r}")
+        split = info.split(split)
         config = replace(config or StructuredConfig(), seed=seed)
         if (config.num_patches, config.patch_dim) != (GRID_SIZE * GRID_SIZE, 3 * PATCH_SIZE * PATCH_SIZE):
             raise ValueError(
