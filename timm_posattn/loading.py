@@ -32,7 +32,7 @@ from .cli import UsageError
 
 __all__ = [
     'LoadError', 'WeightsFileError', 'UnknownArchitectureError', 'NonFiniteWeightsError', 'TrainCheckpoint',
-    'WEIGHTS_NAME', 'PUBLISH_INFO_KEY', 'CHECKPOINT_VERSION', 'make_checkpoint', 'read_checkpoint',
+    'WEIGHTS_NAME', 'PUBLISH_INFO_KEY', 'CHECKPOINT_VERSION', 'make_checkpoint', 'plain_args', 'read_checkpoint',
     'checkpoint_model_kwargs', 'check_finite', 'check_safetensors', 'sha256_file', 'read_model_config',
     'require_registered', 'build_model', 'load_weights', 'load_model',
 ]
@@ -76,6 +76,11 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
+def plain_args(args: Union[argparse.Namespace, Mapping[str, Any]]) -> Dict[str, Any]:
+    """A run's arguments as checkpoints store them (plain values; train.py's args.yaml holds the same dict)."""
+    return _plain(dict(vars(args) if isinstance(args, argparse.Namespace) else args))
+
+
 def make_checkpoint(
         arch: str,
         epoch: int,
@@ -91,7 +96,7 @@ def make_checkpoint(
     """
     checkpoint = {'epoch': epoch, 'arch': arch, 'state_dict': state_dict, 'version': CHECKPOINT_VERSION}
     if args is not None:
-        checkpoint['args'] = _plain(dict(args))
+        checkpoint['args'] = plain_args(args)
     if state_dict_ema is not None:
         checkpoint['state_dict_ema'] = state_dict_ema
     if metric is not None:
@@ -135,9 +140,17 @@ class TrainCheckpoint:
 
 
 def _torch_load(path: str, mmap: bool = False) -> Any:
-    """torch.load with weights_only=True; timm's own checkpoints may store argparse.Namespace args (allowed)."""
+    """torch.load with weights_only=True; timm's own checkpoints may store argparse.Namespace args (allowed).
+
+    mmap needs the zip format: other files (legacy torch.save, or not a checkpoint at all) are read without it, so
+    that the error says what is wrong with the file rather than with mmap."""
     with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
+        try:
+            return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
+        except RuntimeError as e:
+            if not mmap or 'mmap can only be used' not in str(e):
+                raise
+        return torch.load(path, map_location='cpu', weights_only=True)
 
 
 def read_checkpoint(path: Union[str, Path], mmap: bool = False) -> TrainCheckpoint:
