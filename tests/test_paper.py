@@ -1,9 +1,14 @@
-"""The experiment commands: results.json and plots, refusal to overwrite, both init regimes (small, seeded runs)."""
+"""The experiment commands: results.json and plots, refusal to overwrite, both init regimes (small, seeded runs).
+
+Bad values of the command line are in test_cli_policy.py.
+"""
 import json
 import os
 
 import pytest
 
+from timm_posattn import paper
+from timm_posattn.outputs import OutputExistsError
 from timm_posattn.paper import main
 
 
@@ -23,7 +28,8 @@ def test_association_local_init(tmp_path):
     saved = json.loads((out / 'results.json').read_text())
     for key in ('test_accuracy', 'association', 'set_purity', 'partition_ari', 'chance', 'init', 'history'):
         assert key in saved, key
-    assert saved['init'] == 'local' and saved['association'] == pytest.approx(results['association'])
+    assert saved['init'] == 'local' and saved['attention'] == paper.ATTENTION
+    assert saved['association'] == pytest.approx(results['association'])
     assert saved['chance'] == pytest.approx(0.25)  # quick preset: 16 patches in 4 sets
     assert saved['association'] > 2.5 * saved['chance']
     assert saved['partition_ari'] > 0.9
@@ -44,15 +50,22 @@ def test_association_random_init_recovers_partition(tmp_path):
 
 def test_refuses_to_overwrite(tmp_path):
     (tmp_path / 'results.json').write_text('{"mine": 1}')
-    with pytest.raises(SystemExit, match='overwrite'):
+    (tmp_path / 'metrics.png').write_bytes(b'an old plot')
+    (tmp_path / 'transfer.png').write_bytes(b'the transfer experiment\'s')
+    (tmp_path / 'notes.txt').write_text('mine')
+    with pytest.raises(OutputExistsError, match='overwrite'):
         main(['association', '--out', str(tmp_path), '--quick', '--steps', '5'])
     assert json.loads((tmp_path / 'results.json').read_text()) == {'mine': 1}
     main(['association', '--out', str(tmp_path), '--quick', '--steps', '5', '--overwrite'])
-    assert 'association' in json.loads((tmp_path / 'results.json').read_text())
+    assert json.loads((tmp_path / 'results.json').read_text())['experiment'] == 'association'
+    assert (tmp_path / 'metrics.png').read_bytes().startswith(b'\x89PNG')
+    # --overwrite replaces this experiment's files only
+    assert (tmp_path / 'transfer.png').read_bytes() == b'the transfer experiment\'s'
+    assert (tmp_path / 'notes.txt').read_text() == 'mine'
     plots_only = tmp_path / 'plots_only'
     plots_only.mkdir()
     (plots_only / 'transfer.png').write_bytes(b'mine')
-    with pytest.raises(SystemExit, match='transfer.png'):
+    with pytest.raises(OutputExistsError, match='transfer.png'):
         main(['transfer', '--out', str(plots_only), '--quick', '--steps', '5'])
     assert (plots_only / 'transfer.png').read_bytes() == b'mine'
 
@@ -64,15 +77,31 @@ def test_transfer_writes_curves(tmp_path):
     assert saved['n'] == [8, 64]
     assert len(saved['pretrained']) == len(saved['scratch']) == 2
     assert saved['num_seeds'] == 3 and len(saved['pretrained_per_seed']) == 3
-    assert all(0.0 <= a <= 1.0 for a in saved['pretrained'] + saved['scratch'])
-    # averaged over three seeds, with 64 samples the pretrained attention beats learning it from scratch
-    assert saved['pretrained'][1] > saved['scratch'][1]
+    assert saved['init'] == 'local' and saved['attention'] == paper.ATTENTION
+    for key in ('pretrained', 'scratch'):  # the curves are the means of the per-seed accuracies
+        per_seed = saved[f'{key}_per_seed']
+        assert saved[key] == pytest.approx([sum(column) / 3 for column in zip(*per_seed)])
+    # with 64 samples the pretrained attention beats learning it from scratch, for every seed (measured: 0.95, 0.94,
+    # 0.93 against 0.82, 0.81, 0.81), and it is well above the 50 % of guessing
+    assert all(p[1] > s[1] for p, s in zip(saved['pretrained_per_seed'], saved['scratch_per_seed']))
+    assert saved['pretrained'][1] > 0.85
     assert results['pretrained'] == saved['pretrained']
     _png_size(tmp_path / 'transfer.png')
 
 
-def test_bad_arguments(tmp_path):
-    with pytest.raises(SystemExit):
-        main(['association', '--out', str(tmp_path), '--init', 'zeros'])
-    with pytest.raises(SystemExit, match='positive'):
-        main(['transfer', '--out', str(tmp_path), '--quick', '--n', '0', '4'])
+@pytest.mark.parametrize('experiment', ['association', 'transfer'])
+def test_attention_option_builds_every_model_with_it(experiment, tmp_path, monkeypatch):
+    """--attention reaches every simplified model an experiment builds, and is recorded next to init."""
+    built = []
+
+    class Recording(paper.SimplifiedPositionalModel):
+        def __init__(self, *args, **kwargs):
+            built.append(kwargs['attention'])
+            super().__init__(*args, **kwargs)
+    monkeypatch.setattr(paper, 'SimplifiedPositionalModel', Recording)
+    extra = ['--n', '4', '--seeds', '1', '--downstream-steps', '2'] if experiment == 'transfer' else []
+    results = main([experiment, '--out', str(tmp_path), '--quick', '--steps', '2', '--attention', 'tied', *extra])
+    assert built and set(built) == {'tied'}
+    assert len(built) == (3 if experiment == 'transfer' else 1)  # transfer: pretrained, transferred, from scratch
+    saved = json.loads((tmp_path / 'results.json').read_text())
+    assert saved['attention'] == results['attention'] == 'tied' and saved['init'] == 'local'

@@ -1,33 +1,38 @@
 """The paper's experiments on the simplified model, one command each.
 
-    python -m timm_posattn.paper association --out DIR [--quick] [--init local|random]
-    python -m timm_posattn.paper transfer --out DIR [--quick] [--init local|random]
+    python -m timm_posattn.paper association --out DIR [--quick] [--init local|random] [--attention logits|qk|tied]
+    python -m timm_posattn.paper transfer --out DIR [--quick] [--init local|random] [--attention logits|qk|tied]
 
 ``association`` trains the simplified model on the structured dataset and scores its attention against the hidden
 sets (``DIR/results.json``, ``DIR/attention.png``, ``DIR/metrics.png``). ``transfer`` pretrains on w*, then learns
 a new feature w' (orthogonal to w*, same hidden sets) from n samples, keeping the pretrained attention or training
 from scratch, averaged over seeds (``DIR/results.json``, ``DIR/transfer.png``). See docs/paper_experiments.md.
 """
-import argparse
 import json
 import os
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from .association import association_metrics
+from .cli import ArgumentParser, UsageError, float_range, int_range, run_command
 from .files import atomic_write
+from .layers import list_pos_attn_layers
+from .outputs import OutputFolder
 from .simplified import INITS, SimplifiedPositionalModel, accuracy, train_fixed, train_online
 from .structured import StructuredConfig, make_structure, orthogonal_feature, sample_structured
 
 __all__ = [
     'TrainSettings', 'association_experiment', 'transfer_experiment', 'save_attention_heatmap',
-    'save_metrics_plot', 'save_transfer_plot', 'main',
+    'save_metrics_plot', 'save_transfer_plot', 'main', 'run', 'ATTENTION',
 ]
 
+# The positional attention layer of the simplified model (a name of timm_posattn.layers.list_pos_attn_layers()):
+# 'logits' is the paper's free (D, D) logit table. One constant, so that a measured choice changes one line.
+ATTENTION = 'logits'
 _TEST_SEED = 12345  # test samples; training batches use seeds >= 10**6 (see simplified.train_online)
 
 
@@ -64,10 +69,7 @@ PRESETS: Dict[str, Dict] = {
 }
 TRANSFER_NS = dict(full=[4, 8, 16, 32, 64, 128, 256], quick=[4, 16, 64, 256])
 TRANSFER_SEEDS = dict(full=5, quick=3)
-
-
-def _write_json(path: str, data) -> str:
-    return atomic_write(path, lambda f: f.write(json.dumps(data, indent=2).encode('utf-8')))
+OUTPUTS = dict(association=('results.json', 'attention.png', 'metrics.png'), transfer=('results.json', 'transfer.png'))
 
 
 def _save_figure(fig, path: str) -> str:
@@ -141,15 +143,16 @@ def save_transfer_plot(results: Dict, path: str) -> str:
     ax.set_ylabel('test accuracy')
     ax.set_ylim(0.45, 1.02)
     ax.axhline(0.5, color='gray', ls=':', lw=0.8)
-    ax.set_title(f"transfer to new feature w' orthogonal to w* (mean ± std over {results['num_seeds']} seeds)",
-                 fontsize=9)
+    ax.set_title(f"transfer to new feature w' orthogonal to w* (mean ± std over {results['num_seeds']} seeds)\n"
+                 f"init={results['init']}, attention={results['attention']}", fontsize=9)
     ax.legend()
     return _save_figure(fig, path)
 
 
-def _build_model(config: StructuredConfig, settings: TrainSettings, init: str, seed: int) -> SimplifiedPositionalModel:
-    return SimplifiedPositionalModel(
-        config.num_patches, config.patch_dim, settings.num_neurons, init=init, beta=settings.beta, seed=seed)
+def _build_model(config: StructuredConfig, settings: TrainSettings, init: str, attention: str, seed: int
+                 ) -> SimplifiedPositionalModel:
+    return SimplifiedPositionalModel(config.num_patches, config.patch_dim, settings.num_neurons, attention=attention,
+                                     init=init, beta=settings.beta, seed=seed)
 
 
 def association_experiment(
@@ -158,13 +161,14 @@ def association_experiment(
         init: str = 'local',
         seed: int = 0,
         out_dir: Optional[str] = None,
+        attention: str = ATTENTION,
         log: bool = False,
 ) -> Dict:
     """Train the simplified model once and measure accuracy and patch association; plots go to ``out_dir``."""
     start = time.time()
     torch.manual_seed(seed)
     partition, feature = make_structure(config)
-    model = _build_model(config, settings, init, seed)
+    model = _build_model(config, settings, init, attention, seed)
 
     def report(record):
         if log:
@@ -177,13 +181,13 @@ def association_experiment(
     attn = model.attention().detach()
     metrics = association_metrics(attn, partition)
     results = dict(
-        experiment='association', init=init, seed=seed,
+        experiment='association', init=init, attention=attention, seed=seed,
         test_accuracy=accuracy(model, x_test, y_test), **metrics,
         config=asdict(config), settings=asdict(settings), history=history,
         partition=partition.tolist(), elapsed_s=round(time.time() - start, 1),
     )
     if out_dir is not None:
-        title = (f"init={init}: association {metrics['association']:.2f} (chance {metrics['chance']:.2f}), "
+        title = (f"init={init}, attention={attention}: association {metrics['association']:.2f} (chance {metrics['chance']:.2f}), "
                  f"purity {metrics['set_purity']:.2f}, ARI {metrics['partition_ari']:.2f}, "
                  f"test acc {results['test_accuracy']:.3f}")
         results['files'] = [
@@ -202,6 +206,7 @@ def transfer_experiment(
         init: str = 'local',
         out_dir: Optional[str] = None,
         log: bool = False,
+        attention: str = ATTENTION,
 ) -> Dict:
     """For each seed: pretrain on w*, then for each n learn w' from n samples (a) with the pretrained attention
     frozen and fresh neurons, (b) from scratch with the same init; test accuracies are averaged over seeds."""
@@ -212,7 +217,7 @@ def transfer_experiment(
     pretrain_metrics = []
     for s in range(num_seeds):
         torch.manual_seed(s)
-        base = _build_model(config, settings, init, seed=s)
+        base = _build_model(config, settings, init, attention, seed=s)
         train_online(base, config, settings.steps, settings.batch_size, settings.lr, seed=s,
                      eval_every=settings.eval_every)
         x_up, y_up = sample_structured(config, settings.num_test, _TEST_SEED + s, partition, feature)
@@ -223,19 +228,19 @@ def transfer_experiment(
         x_test, y_test = sample_structured(config, settings.num_test, _TEST_SEED + 500 + s, partition, new_feature)
         for k, n in enumerate(ns):
             x, y = sample_structured(config, n, 2000 + 100 * s + k, partition, new_feature)
-            transferred = _build_model(config, settings, init, seed=s)
+            transferred = _build_model(config, settings, init, attention, seed=s)
             transferred.load_state_dict(base.state_dict())
             transferred.reset_neurons(seed=3000 + s)
             train_fixed(transferred, x, y, settings.downstream_steps, settings.downstream_lr, train_attention=False)
             pretrained_acc[s, k] = accuracy(transferred, x_test, y_test)
-            scratch = _build_model(config, settings, init, seed=5000 + s)
+            scratch = _build_model(config, settings, init, attention, seed=5000 + s)
             train_fixed(scratch, x, y, settings.downstream_steps, settings.downstream_lr, train_attention=True)
             scratch_acc[s, k] = accuracy(scratch, x_test, y_test)
             if log:
                 print(f'seed {s}  n {n:5d}  pretrained {pretrained_acc[s, k]:.3f}  scratch {scratch_acc[s, k]:.3f}',
                       flush=True)
     results = dict(
-        experiment='transfer', init=init, num_seeds=num_seeds, n=list(ns),
+        experiment='transfer', init=init, attention=attention, num_seeds=num_seeds, n=list(ns),
         pretrained=pretrained_acc.mean(0).tolist(), scratch=scratch_acc.mean(0).tolist(),
         pretrained_std=pretrained_acc.std(0, unbiased=False).tolist(),
         scratch_std=scratch_acc.std(0, unbiased=False).tolist(),
@@ -248,65 +253,102 @@ def transfer_experiment(
     return results
 
 
+_TRANSFER_ONLY = ('n', 'seeds', 'downstream_steps')
+_ASSOCIATION_ONLY = ('seed',)
+_DATASET_OPTIONS = ('num_patches', 'num_sets', 'patch_dim', 'q', 'sigma')
+
+
+def _flag(dest: str) -> str:
+    return '--' + dest.replace('_', '-')
+
+
 def _parse_args(argv: Optional[Sequence[str]]):
-    parser = argparse.ArgumentParser(prog='python -m timm_posattn.paper', description=__doc__.split('\n\n')[0])
+    parser = ArgumentParser(prog='python -m timm_posattn.paper', description=__doc__.split('\n\n')[0])
     parser.add_argument('experiment', choices=('association', 'transfer'))
     parser.add_argument('--out', required=True, help='output folder (created if missing)')
     parser.add_argument('--quick', action='store_true', help='small setting that runs in well under two minutes')
     parser.add_argument('--init', choices=INITS, default='local', help='positional logits: beta*I + noise, or noise')
-    parser.add_argument('--seed', type=int, default=0, help='association: model and sample seed')
-    parser.add_argument('--steps', type=int, default=None, help='override the number of (pre)training steps')
-    parser.add_argument('--downstream-steps', type=int, default=None, help='transfer: full-batch steps per fit')
-    parser.add_argument('--seeds', type=int, default=None, help='transfer: number of seeds (at least 3 advised)')
-    parser.add_argument('--n', type=int, nargs='+', default=None, help='transfer: downstream sample counts')
-    for name in ('num_patches', 'num_sets', 'patch_dim', 'q', 'sigma'):
-        kind = float if name in ('q', 'sigma') else int
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None,
-                            help=f'override the dataset {name}')
-    parser.add_argument('--threads', type=int, default=1, help='torch CPU threads (tiny matrices: 1 is fastest)')
-    parser.add_argument('--overwrite', action='store_true', help='replace an existing DIR/results.json')
-    return parser.parse_args(argv)
+    parser.add_argument('--attention', choices=list_pos_attn_layers(), default=ATTENTION,
+                        help=f'positional attention layer of the simplified model (default: {ATTENTION})')
+    parser.add_argument('--seed', type=int_range(0), default=None, help='association: model and sample seed (0)')
+    parser.add_argument('--steps', type=int_range(1), default=None, help='override the number of (pre)training steps')
+    parser.add_argument('--downstream-steps', type=int_range(1), default=None,
+                        help='transfer: full-batch steps per fit')
+    parser.add_argument('--seeds', type=int_range(1), default=None,
+                        help='transfer: number of seeds (at least 3 advised)')
+    parser.add_argument('--n', type=int_range(1), nargs='+', default=None, help='transfer: downstream sample counts')
+    parser.add_argument('--num-patches', type=int_range(1), default=None, help='override the dataset num_patches (D)')
+    parser.add_argument('--num-sets', type=int_range(1), default=None,
+                        help='override the dataset num_sets (L, must divide num_patches)')
+    parser.add_argument('--patch-dim', type=int_range(2), default=None, help='override the dataset patch_dim (d)')
+    parser.add_argument('--q', type=float_range(0, 1), default=None, help='override the dataset q')
+    parser.add_argument('--sigma', type=float_range(0), default=None, help='override the dataset sigma')
+    parser.add_argument('--threads', type=int_range(1), default=1,
+                        help='torch CPU threads (tiny matrices: 1 is fastest)')
+    parser.add_argument('--overwrite', action='store_true',
+                        help="replace this experiment's files in --out (results.json and its plots; nothing else)")
+    args = parser.parse_args(argv)
+    other = 'association' if args.experiment == 'transfer' else 'transfer'
+    for dest in _ASSOCIATION_ONLY if args.experiment == 'transfer' else _TRANSFER_ONLY:
+        if getattr(args, dest) is not None:
+            parser.error(f'{_flag(dest)} applies to the {other} experiment only, not to {args.experiment}')
+    return args
+
+
+def _resolve_settings(args) -> Tuple[str, StructuredConfig, TrainSettings]:
+    """The preset's dataset and training settings with the command line's overrides, checked together."""
+    preset = 'quick' if args.quick else 'full'
+    config, settings = PRESETS[args.experiment][preset]
+    overrides = {k: getattr(args, k) for k in _DATASET_OPTIONS if getattr(args, k) is not None}
+    try:
+        config = replace(config, **overrides)
+    except ValueError as e:  # StructuredConfig checks the combination (e.g. equal-size sets)
+        given = ' '.join(f'{_flag(k)} {v}' for k, v in overrides.items())
+        base = ', '.join(f'{k}={getattr(config, k)}' for k in _DATASET_OPTIONS)
+        raise UsageError(f'{given} over the {preset} preset ({base}): {e}') from None
+    if args.steps is not None:
+        settings = replace(settings, steps=args.steps, eval_every=min(settings.eval_every, args.steps))
+    if args.downstream_steps is not None:
+        settings = replace(settings, downstream_steps=args.downstream_steps)
+    return preset, config, settings
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
+    """Run one experiment; errors the user can fix raise `UsageError` (`run` prints them as one line)."""
     args = _parse_args(argv)
+    preset, config, settings = _resolve_settings(args)
+    folder = OutputFolder(args.out, OUTPUTS[args.experiment], overwrite=args.overwrite,
+                          command=f'python -m timm_posattn.paper {args.experiment}').check()
+    removed = folder.remove(folder.existing())
+    if removed:
+        print(f"--overwrite: removed the previous run's {', '.join(removed)} from {args.out}", flush=True)
     torch.set_num_threads(args.threads)  # the matrices are tiny: extra threads only add synchronisation
-    preset = 'quick' if args.quick else 'full'
-    config, settings = PRESETS[args.experiment][preset]
-    overrides = {k: getattr(args, k) for k in ('num_patches', 'num_sets', 'patch_dim', 'q', 'sigma')
-                 if getattr(args, k) is not None}
-    config = replace(config, **overrides)
-    if args.steps is not None:
-        settings = replace(settings, steps=args.steps, eval_every=min(settings.eval_every, max(args.steps, 1)))
-    if args.downstream_steps is not None:
-        settings = replace(settings, downstream_steps=args.downstream_steps)
-    os.makedirs(args.out, exist_ok=True)
-    results_path = os.path.join(args.out, 'results.json')
-    outputs = ['results.json'] + (['attention.png', 'metrics.png'] if args.experiment == 'association'
-                                  else ['transfer.png'])
-    existing = [name for name in outputs if os.path.exists(os.path.join(args.out, name))]
-    if existing and not args.overwrite:
-        raise SystemExit(f'{args.out} already holds {", ".join(existing)}; pass --overwrite to replace them '
-                         f'or choose another --out')
     if args.experiment == 'association':
-        results = association_experiment(config, settings, init=args.init, seed=args.seed, out_dir=args.out, log=True)
+        seed = 0 if args.seed is None else args.seed
+        results = association_experiment(config, settings, init=args.init, seed=seed, out_dir=args.out, log=True,
+                                         attention=args.attention)
         print(f"test_accuracy {results['test_accuracy']:.4f}  association {results['association']:.3f} "
               f"(chance {results['chance']:.3f})  set_purity {results['set_purity']:.3f} "
               f"(chance {results['chance_set_purity']:.3f})  partition_ari {results['partition_ari']:.3f}")
     else:
-        ns = args.n or TRANSFER_NS[preset]
-        if min(ns) < 1:
-            raise SystemExit(f'expected positive sample counts for --n, got {ns}')
-        results = transfer_experiment(config, settings, ns, num_seeds=args.seeds or TRANSFER_SEEDS[preset],
-                                      init=args.init, out_dir=args.out, log=True)
+        ns = TRANSFER_NS[preset] if args.n is None else args.n
+        num_seeds = TRANSFER_SEEDS[preset] if args.seeds is None else args.seeds
+        results = transfer_experiment(config, settings, ns, num_seeds=num_seeds, init=args.init, out_dir=args.out,
+                                      log=True, attention=args.attention)
         for n, p, s in zip(results['n'], results['pretrained'], results['scratch']):
             print(f'n {n:5d}  pretrained {p:.3f}  scratch {s:.3f}')
     results['preset'] = preset
     results['command'] = ' '.join(['python -m timm_posattn.paper'] + list(sys.argv[1:] if argv is None else argv))
-    _write_json(results_path, results)
+    results_path = folder.write_text('results.json', json.dumps(results, indent=2))
     print(f'wrote {results_path}')
     return results
 
 
+def run(argv: Optional[Sequence[str]] = None) -> int:
+    """Command-line entry: one line and exit code 2 for errors the user can fix (see `timm_posattn.cli`)."""
+    return run_command(lambda: main(argv), argv, on_interrupt=lambda: 'nothing saved: results.json and the plots '
+                                                                        'are written when the run completes')
+
+
 if __name__ == '__main__':
-    main()
+    sys.exit(run())
