@@ -3,8 +3,10 @@
 
 A focused version of timm's train.py: the same argument names and meanings, built from timm.data, timm.optim,
 timm.scheduler, timm.loss and timm.utils, plus what this package needs: the built-in ``structured`` dataset and
-SVHN, atomic checkpoints that load with ``torch.load(weights_only=True)``, a guard against reusing an experiment
-folder, a stop on non-finite loss, and the positional attention plot and patch-association score at the end.
+SVHN, checkpoints in the `timm_posattn.loading` format (atomic, loadable with ``torch.load(weights_only=True)``), an
+experiment folder that is never mixed with another run's files (`timm_posattn.outputs`), a stop on non-finite loss,
+and the positional attention plot and patch-association score at the end. A bad option, config, dataset or
+checkpoint is one line on stderr and exit code 2 (`timm_posattn.cli`; ``--debug`` shows the traceback).
 
 With no arguments it trains ``vit_posattn_tiny_patch4_32`` on ``structured`` in a few CPU minutes:
 
@@ -16,48 +18,78 @@ import argparse
 import importlib
 import logging
 import os
+import re
 import sys
 import time
 from collections import OrderedDict
 from contextlib import suppress
 from datetime import datetime
 from functools import partial
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import yaml
 from torch.nn.parallel import DistributedDataParallel as NativeDDP
 
+import timm
 from timm import utils
 from timm.data import create_loader, resolve_data_config, Mixup, FastCollateMixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy, BinaryCrossEntropy
-from timm.models import create_model, safe_model_name
-from timm.models import clean_state_dict
-from timm.optim import create_optimizer_v2, optimizer_kwargs
+from timm.models import parse_model_name, resume_checkpoint, safe_model_name, split_model_name_tag
+from timm.optim import create_optimizer_v2, get_optimizer_info, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 
 import timm_posattn  # noqa: F401  registers the vit_posattn_* models with timm
-from timm_posattn.data import DatasetError, create_dataset, is_structured
+from timm_posattn.cli import ArgumentParser, UsageError, float_range, int_range, run_command
+from timm_posattn.data import create_dataset, is_structured
+from timm_posattn.dataset_info import get_dataset_info
 from timm_posattn.files import atomic_write
-from timm_posattn.structured import STRUCTURED_MEAN, STRUCTURED_STD
+from timm_posattn.loading import (
+    LoadError, TrainCheckpoint, checkpoint_model_kwargs, load_model, load_weights, make_checkpoint, plain_args,
+    read_checkpoint, require_registered,
+)
+from timm_posattn.outputs import OutputFolder
 
 _logger = logging.getLogger('train')
 
 DEFAULT_MODEL = 'vit_posattn_tiny_patch4_32'
+DEFAULT_OUTPUT = './output/train'
 # the structured demo run (no --model, structured data): see resolve_defaults
 STRUCTURED_DEMO_MODEL_KWARGS = {'depth': 1, 'global_pool': 'avg'}
 STRUCTURED_DEMO_EPOCHS = 30
 STRUCTURED_DEMO_LR_BASE = 3e-3
+# The files a run writes into its experiment folder, and the only ones --overwrite (or a resume that abandons a later
+# part of the run) removes: timm's saver writes tmp/recovery files and `.partial` copies next to the checkpoints.
+OWNED_FILES = (
+    'args.yaml', 'summary.csv', 'last.pth.tar', 'model_best.pth.tar', 'checkpoint-*.pth.tar', 'attention.png',
+    'tmp.pth.tar', 'recovery-*.pth.tar', 'recovery_tmp.pth.tar', '*.pth.tar.partial',
+)
+_CHECKPOINT_NAME = re.compile(r'checkpoint-(\d+)\.pth\.tar')
+INTERPOLATIONS = ('bicubic', 'bilinear', 'box', 'hamming', 'lanczos', 'nearest')  # timm.data.transforms' names
+SCHEDULERS = ('cosine', 'tanh', 'step', 'constant', 'multistep', 'plateau', 'poly', 'wsd', 'rsqrt', 'none')
+
+
+class ParseKwargs(utils.ParseKwargs):
+    """timm's ``key=value`` option (values read as Python literals), refusing an item that is not ``key=value``."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        for item in values:
+            key = item.split('=', 1)[0]
+            if item and ('=' not in item or not key.isidentifier()):
+                raise argparse.ArgumentError(self, f'expected key=value items (e.g. depth=2), got {item!r}')
+        super().__call__(parser, namespace, values, option_string)
+
 
 # The first parser reads only --config; the YAML's keys become defaults of the main parser (as in timm's train.py).
-config_parser = argparse.ArgumentParser(description='Training config', add_help=False)
+config_parser = ArgumentParser(description='Training config', add_help=False)
 config_parser.add_argument('-c', '--config', default='', type=str, metavar='FILE',
                            help='YAML file whose keys are train.py arguments (dashes as underscores)')
 
-parser = argparse.ArgumentParser(description='Train positional-attention ViTs with timm')
+parser = ArgumentParser(description='Train positional-attention ViTs with timm')
 parser.add_argument('-c', '--config', default='', type=str, metavar='FILE',
-                    help='YAML file whose keys are train.py arguments (dashes as underscores)')
+                    help='YAML file whose keys are train.py arguments (dashes as underscores); its values are '
+                         'checked like the command line\'s, which overrides them')
 
 group = parser.add_argument_group('Dataset parameters')
 group.add_argument('--data-dir', metavar='DIR', default=None, help='path to dataset (root dir)')
@@ -67,11 +99,12 @@ group.add_argument('--dataset', metavar='NAME', default='',
 group.add_argument('--train-split', metavar='NAME', default='train', help='dataset train split (default: train)')
 group.add_argument('--val-split', metavar='NAME', default='validation',
                    help='dataset validation split, empty to skip evaluation (default: validation)')
-group.add_argument('--train-num-samples', default=None, type=int, metavar='N',
+group.add_argument('--train-num-samples', default=None, type=int_range(1), metavar='N',
                    help='samples in the train split: size of the structured dataset, or of iterable datasets')
-group.add_argument('--val-num-samples', default=None, type=int, metavar='N',
-                   help='samples in the validation split (structured or iterable datasets)')
-group.add_argument('--data-seed', default=0, type=int, metavar='S',
+group.add_argument('--val-num-samples', default=None, type=int_range(1), metavar='N',
+                   help='samples in the validation split (structured or iterable datasets; --val-split "" skips '
+                        'evaluation)')
+group.add_argument('--data-seed', default=0, type=int_range(0), metavar='S',
                    help='seed that generates the structured dataset (its hidden partition) (default: 0)')
 group.add_argument('--dataset-download', action='store_true', default=False,
                    help='allow download of torch/ datasets (CIFAR, SVHN) into --data-dir')
@@ -87,35 +120,39 @@ group.add_argument('--model', default=DEFAULT_MODEL, type=str, metavar='MODEL',
 group.add_argument('--pretrained', action='store_true', default=False,
                    help='start with pretrained version of specified network (if avail)')
 group.add_argument('--initial-checkpoint', default='', type=str, metavar='PATH',
-                   help='load this checkpoint into model after initialization (default: none)')
+                   help='start from these weights (a train.py/timm checkpoint or weights file; another resolution '
+                        'or a standard ViT is adapted, logged)')
 group.add_argument('--resume', default='', type=str, metavar='PATH',
-                   help='resume model, optimizer, scheduler, EMA and AMP scaler state from a checkpoint; the run '
-                        'continues in the checkpoint\'s folder unless --experiment names another')
+                   help='continue a run from its checkpoint (model, optimizer, schedule, EMA, AMP scaler) in the '
+                        'checkpoint\'s folder; --experiment/--output naming a new folder forks the run there')
 group.add_argument('--no-resume-opt', action='store_true', default=False,
                    help='prevent resume of optimizer state when resuming model')
-group.add_argument('--num-classes', type=int, default=None, metavar='N',
+group.add_argument('--num-classes', type=int_range(1), default=None, metavar='N',
                    help='number of label classes (default: the dataset\'s, else the model\'s)')
 group.add_argument('--gp', default=None, type=str, metavar='POOL', help='global pool type (model default if None)')
-group.add_argument('--img-size', type=int, default=None, metavar='N', help='image size (default: model default)')
-group.add_argument('--in-chans', type=int, default=None, metavar='N', help='image input channels (default: 3)')
-group.add_argument('--input-size', default=None, nargs=3, type=int, metavar='N',
+group.add_argument('--img-size', type=int_range(1), default=None, metavar='N',
+                   help='image size of the data and the model (default: model default)')
+group.add_argument('--in-chans', type=int_range(1), default=None, metavar='N', help='image input channels (default: 3)')
+group.add_argument('--input-size', default=None, nargs=3, type=int_range(1), metavar='N',
                    help='input all image dimensions (d h w, e.g. --input-size 3 32 32), uses model default if empty')
-group.add_argument('--crop-pct', default=None, type=float, metavar='N',
+group.add_argument('--crop-pct', default=None, type=float_range(0, 1, low_open=True), metavar='N',
                    help='input image center crop percent (for validation only; 1.0 for structured)')
-group.add_argument('--mean', type=float, nargs='+', default=None, metavar='MEAN', help='override dataset mean')
-group.add_argument('--std', type=float, nargs='+', default=None, metavar='STD', help='override dataset std')
-group.add_argument('--interpolation', default='', type=str, metavar='NAME',
-                   help='image resize interpolation type (overrides model)')
-group.add_argument('-b', '--batch-size', type=int, default=64, metavar='N',
+group.add_argument('--mean', type=float_range(0, 1), nargs='+', default=None, metavar='MEAN',
+                   help='override dataset mean')
+group.add_argument('--std', type=float_range(0, low_open=True), nargs='+', default=None, metavar='STD',
+                   help='override dataset std')
+group.add_argument('--interpolation', default='', type=str, choices=('',) + INTERPOLATIONS, metavar='NAME',
+                   help=f'image resize interpolation type (overrides model): {", ".join(INTERPOLATIONS)}')
+group.add_argument('-b', '--batch-size', type=int_range(1), default=64, metavar='N',
                    help='input batch size per process (default: 64)')
-group.add_argument('-vb', '--validation-batch-size', type=int, default=None, metavar='N',
+group.add_argument('-vb', '--validation-batch-size', type=int_range(1), default=None, metavar='N',
                    help='validation batch size override (default: None)')
 group.add_argument('--channels-last', action='store_true', default=False, help='use channels_last memory layout')
-group.add_argument('--grad-accum-steps', type=int, default=1, metavar='N',
+group.add_argument('--grad-accum-steps', type=int_range(1), default=1, metavar='N',
                    help='the number of steps to accumulate gradients (default: 1)')
 group.add_argument('--grad-checkpointing', action='store_true', default=False,
                    help='enable gradient checkpointing through model blocks')
-group.add_argument('--model-kwargs', nargs='*', default={}, action=utils.ParseKwargs,
+group.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
                    help='extra model kwargs, e.g. --model-kwargs pos_attn_layers=none depth=2')
 group.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor',
                    help='enable torch.compile with the given backend (default: inductor)')
@@ -127,217 +164,341 @@ group.add_argument('--amp-dtype', default='float16', type=str, choices=('float16
                    help='lower precision AMP dtype (default: float16)')
 group.add_argument('--no-ddp-bb', action='store_true', default=False,
                    help='force broadcast buffers for native DDP to off')
-group.add_argument('--local_rank', '--local-rank', default=0, type=int, help=argparse.SUPPRESS)
+group.add_argument('--local_rank', '--local-rank', default=0, type=int_range(0), help=argparse.SUPPRESS)
 group.add_argument('--device-modules', default=None, type=str, nargs='+',
                    help='python imports for device backend modules (or model registries)')
 
 group = parser.add_argument_group('Optimizer parameters')
-group.add_argument('--opt', default='adamw', type=str, metavar='OPTIMIZER', help='optimizer (default: "adamw")')
-group.add_argument('--opt-eps', default=None, type=float, metavar='EPSILON', help='optimizer epsilon')
-group.add_argument('--opt-betas', default=None, type=float, nargs='+', metavar='BETA', help='optimizer betas')
-group.add_argument('--momentum', type=float, default=0.9, metavar='M', help='optimizer momentum (default: 0.9)')
-group.add_argument('--weight-decay', type=float, default=0.05, help='weight decay (default: 0.05)')
-group.add_argument('--clip-grad', type=float, default=None, metavar='NORM',
+group.add_argument('--opt', default='adamw', type=str, metavar='OPTIMIZER',
+                   help='optimizer, a name of timm.optim.list_optimizers() (default: "adamw")')
+group.add_argument('--opt-eps', default=None, type=float_range(0, low_open=True), metavar='EPSILON',
+                   help='optimizer epsilon')
+group.add_argument('--opt-betas', default=None, type=float_range(0, 1, high_open=True), nargs='+', metavar='BETA',
+                   help='optimizer betas')
+group.add_argument('--momentum', type=float_range(0, 1, high_open=True), default=0.9, metavar='M',
+                   help='optimizer momentum (default: 0.9)')
+group.add_argument('--weight-decay', type=float_range(0), default=0.05, help='weight decay (default: 0.05)')
+group.add_argument('--clip-grad', type=float_range(0, low_open=True), default=None, metavar='NORM',
                    help='clip gradient norm (default: None, no clipping)')
-group.add_argument('--clip-mode', type=str, default='norm', help='gradient clipping mode: "norm", "value" or "agc"')
-group.add_argument('--layer-decay', type=float, default=None, help='layer-wise learning rate decay (default: None)')
-group.add_argument('--opt-kwargs', nargs='*', default={}, action=utils.ParseKwargs)
+group.add_argument('--clip-mode', type=str, default='norm', choices=('norm', 'value', 'agc'),
+                   help='gradient clipping mode: "norm", "value" or "agc"')
+group.add_argument('--layer-decay', type=float_range(0, low_open=True), default=None,
+                   help='layer-wise learning rate decay (default: None)')
+group.add_argument('--opt-kwargs', nargs='*', default={}, action=ParseKwargs)
 
 group = parser.add_argument_group('Learning rate schedule parameters')
-group.add_argument('--sched', type=str, default='cosine', metavar='SCHEDULER', help='LR scheduler (default: "cosine")')
+group.add_argument('--sched', type=str, default='cosine', choices=SCHEDULERS, metavar='SCHEDULER',
+                   help=f'LR scheduler: {", ".join(SCHEDULERS)} (default: "cosine")')
 group.add_argument('--sched-on-updates', action=argparse.BooleanOptionalAction, default=True,
                    help='step the LR schedule every update, so short runs warm up and decay smoothly '
                         '(default: on; --no-sched-on-updates steps at epoch ends as timm does)')
-group.add_argument('--lr', type=float, default=None, metavar='LR',
-                   help='learning rate, overrides lr-base if set (default: None)')
-group.add_argument('--lr-base', type=float, default=None, metavar='LR',
-                   help='base learning rate: lr = lr_base * global_batch_size / lr_base_size '
+group.add_argument('--lr', type=float_range(0, low_open=True), default=None, metavar='LR',
+                   help='learning rate, used as given (default: derived from --lr-base)')
+group.add_argument('--lr-base', type=float_range(0, low_open=True), default=None, metavar='LR',
+                   help='base learning rate when --lr is not given: lr = lr_base * global_batch_size / lr_base_size '
                         '(default: 3e-3 for the structured demo model, else 1e-3)')
-group.add_argument('--lr-base-size', type=int, default=64, metavar='DIV',
+group.add_argument('--lr-base-size', type=int_range(1), default=64, metavar='DIV',
                    help='base learning rate batch size (divisor, default: 64)')
-group.add_argument('--lr-base-scale', type=str, default='', metavar='SCALE',
+group.add_argument('--lr-base-scale', type=str, default='', choices=('', 'linear', 'sqrt'), metavar='SCALE',
                    help='base learning rate vs batch_size scaling ("linear", "sqrt", based on opt if empty)')
-group.add_argument('--lr-noise', type=float, nargs='+', default=None, metavar='pct, pct',
+group.add_argument('--lr-noise', type=float_range(0), nargs='+', default=None, metavar='pct, pct',
                    help='learning rate noise on/off epoch percentages')
-group.add_argument('--lr-cycle-limit', type=int, default=1, metavar='N',
+group.add_argument('--lr-cycle-limit', type=int_range(1), default=1, metavar='N',
                    help='learning rate cycle limit, cycles enabled if > 1')
-group.add_argument('--warmup-lr', type=float, default=1e-5, metavar='LR', help='warmup learning rate (default: 1e-5)')
-group.add_argument('--min-lr', type=float, default=1e-5, metavar='LR',
+group.add_argument('--warmup-lr', type=float_range(0), default=1e-5, metavar='LR',
+                   help='warmup learning rate (default: 1e-5)')
+group.add_argument('--min-lr', type=float_range(0), default=1e-5, metavar='LR',
                    help='lower lr bound for cyclic schedulers that hit 0 (default: 1e-5)')
-group.add_argument('--epochs', type=int, default=None, metavar='N',
+group.add_argument('--epochs', type=int_range(1), default=None, metavar='N',
                    help='number of epochs to train (default: 30 for the structured demo model, else 2)')
-group.add_argument('--start-epoch', default=None, type=int, metavar='N',
+group.add_argument('--start-epoch', default=None, type=int_range(0), metavar='N',
                    help='manual epoch number (useful on restarts)')
-group.add_argument('--decay-milestones', default=[90, 180, 270], type=int, nargs='+', metavar='MILESTONES',
+group.add_argument('--decay-milestones', default=[90, 180, 270], type=int_range(0), nargs='+', metavar='MILESTONES',
                    help='list of decay epoch indices for multistep lr')
-group.add_argument('--decay-epochs', type=float, default=90, metavar='N', help='epoch interval to decay LR')
-group.add_argument('--warmup-epochs', type=int, default=1, metavar='N',
+group.add_argument('--decay-epochs', type=float_range(0, low_open=True), default=90, metavar='N',
+                   help='epoch interval to decay LR')
+group.add_argument('--warmup-epochs', type=int_range(0), default=1, metavar='N',
                    help='epochs to warmup LR, if scheduler supports (default: 1)')
 group.add_argument('--warmup-prefix', action='store_true', default=False,
                    help='exclude warmup period from decay schedule')
-group.add_argument('--cooldown-epochs', type=int, default=0, metavar='N',
+group.add_argument('--cooldown-epochs', type=int_range(0), default=0, metavar='N',
                    help='epochs to cooldown LR at min_lr, after cyclic schedule ends')
-group.add_argument('--patience-epochs', type=int, default=10, metavar='N',
+group.add_argument('--patience-epochs', type=int_range(0), default=10, metavar='N',
                    help='patience epochs for Plateau LR scheduler (default: 10)')
-group.add_argument('--decay-rate', '--dr', type=float, default=0.1, metavar='RATE', help='LR decay rate (default: 0.1)')
+group.add_argument('--decay-rate', '--dr', type=float_range(0, low_open=True), default=0.1, metavar='RATE',
+                   help='LR decay rate (default: 0.1)')
 
 group = parser.add_argument_group('Augmentation and regularization parameters')
 group.add_argument('--no-aug', action='store_const', const=True, default=None,
                    help='disable all training augmentation (default: on for structured, whose labels depend on '
                         'exact patch positions; off otherwise)')
-group.add_argument('--train-crop-mode', type=str, default=None, help='crop-mode in train ("rrc", "rkrc", "rkrr")')
-group.add_argument('--scale', type=float, nargs='+', default=[0.08, 1.0], metavar='PCT',
-                   help='random resize scale (default: 0.08 1.0)')
-group.add_argument('--ratio', type=float, nargs='+', default=[3. / 4., 4. / 3.], metavar='RATIO',
-                   help='random resize aspect ratio (default: 0.75 1.33)')
-group.add_argument('--hflip', type=float, default=0.5, help='horizontal flip training aug probability')
-group.add_argument('--vflip', type=float, default=0., help='vertical flip training aug probability')
-group.add_argument('--color-jitter', type=float, default=0.4, metavar='PCT', help='color jitter factor (default: 0.4)')
+group.add_argument('--train-crop-mode', type=str, default=None, choices=('rrc', 'rkrc', 'rkrr'),
+                   help='crop-mode in train ("rrc", "rkrc", "rkrr")')
+group.add_argument('--scale', type=float_range(0, 1, low_open=True), nargs=2, default=[0.08, 1.0], metavar='PCT',
+                   help='random resize scale, min max (default: 0.08 1.0)')
+group.add_argument('--ratio', type=float_range(0, low_open=True), nargs=2, default=[3. / 4., 4. / 3.],
+                   metavar='RATIO', help='random resize aspect ratio, min max (default: 0.75 1.33)')
+group.add_argument('--hflip', type=float_range(0, 1), default=0.5, help='horizontal flip training aug probability')
+group.add_argument('--vflip', type=float_range(0, 1), default=0., help='vertical flip training aug probability')
+group.add_argument('--color-jitter', type=float_range(0), default=0.4, metavar='PCT',
+                   help='color jitter factor (default: 0.4)')
 group.add_argument('--aa', type=str, default=None, metavar='NAME',
                    help='AutoAugment/RandAugment policy, e.g. "rand-m9-mstd0.5-inc1" (default: None)')
-group.add_argument('--aug-repeats', type=float, default=0,
+group.add_argument('--aug-repeats', type=int_range(0), default=0,
                    help='number of augmentation repetitions (distributed training only) (default: 0)')
-group.add_argument('--reprob', type=float, default=0., metavar='PCT', help='random erase prob (default: 0.)')
-group.add_argument('--remode', type=str, default='pixel', help='random erase mode (default: "pixel")')
-group.add_argument('--recount', type=int, default=1, help='random erase count (default: 1)')
-group.add_argument('--mixup', type=float, default=0.0, help='mixup alpha, mixup enabled if > 0. (default: 0.)')
-group.add_argument('--cutmix', type=float, default=0.0, help='cutmix alpha, cutmix enabled if > 0. (default: 0.)')
-group.add_argument('--cutmix-minmax', type=float, nargs='+', default=None,
+group.add_argument('--reprob', type=float_range(0, 1), default=0., metavar='PCT',
+                   help='random erase prob (default: 0.)')
+group.add_argument('--remode', type=str, default='pixel', choices=('const', 'rand', 'pixel'),
+                   help='random erase mode (default: "pixel")')
+group.add_argument('--recount', type=int_range(1), default=1, help='random erase count (default: 1)')
+group.add_argument('--mixup', type=float_range(0), default=0.0,
+                   help='mixup alpha, mixup enabled if > 0. (default: 0.)')
+group.add_argument('--cutmix', type=float_range(0), default=0.0,
+                   help='cutmix alpha, cutmix enabled if > 0. (default: 0.)')
+group.add_argument('--cutmix-minmax', type=float_range(0, 1, low_open=True), nargs=2, default=None,
                    help='cutmix min/max ratio, overrides alpha and enables cutmix if set (default: None)')
-group.add_argument('--mixup-prob', type=float, default=1.0,
+group.add_argument('--mixup-prob', type=float_range(0, 1), default=1.0,
                    help='probability of performing mixup or cutmix when either/both is enabled')
-group.add_argument('--mixup-switch-prob', type=float, default=0.5,
+group.add_argument('--mixup-switch-prob', type=float_range(0, 1), default=0.5,
                    help='probability of switching to cutmix when both mixup and cutmix enabled')
-group.add_argument('--mixup-mode', type=str, default='batch', help='how to apply mixup/cutmix params: batch/pair/elem')
-group.add_argument('--mixup-off-epoch', default=0, type=int, metavar='N',
+group.add_argument('--mixup-mode', type=str, default='batch', choices=('batch', 'pair', 'elem'),
+                   help='how to apply mixup/cutmix params: batch/pair/elem')
+group.add_argument('--mixup-off-epoch', default=0, type=int_range(0), metavar='N',
                    help='turn off mixup after this epoch, disabled if 0 (default: 0)')
-group.add_argument('--smoothing', type=float, default=0.1, help='label smoothing (default: 0.1)')
+group.add_argument('--smoothing', type=float_range(0, 1, high_open=True), default=0.1,
+                   help='label smoothing (default: 0.1)')
 group.add_argument('--bce-loss', action='store_true', default=False, help='enable BCE loss w/ Mixup/CutMix use')
-group.add_argument('--train-interpolation', type=str, default='random',
+group.add_argument('--train-interpolation', type=str, default='random', choices=('random',) + INTERPOLATIONS,
                    help='training interpolation (random, bilinear, bicubic default: "random")')
-group.add_argument('--drop', type=float, default=0.0, metavar='PCT', help='dropout rate (default: 0.)')
-group.add_argument('--drop-path', type=float, default=None, metavar='PCT', help='drop path rate (default: None)')
+group.add_argument('--drop', type=float_range(0, 1, high_open=True), default=0.0, metavar='PCT',
+                   help='dropout rate (default: 0.)')
+group.add_argument('--drop-path', type=float_range(0, 1, high_open=True), default=None, metavar='PCT',
+                   help='drop path rate (default: None)')
 
 group = parser.add_argument_group('Model exponential moving average parameters')
 group.add_argument('--model-ema', action='store_true', default=False,
                    help='enable tracking moving average of model weights (evaluated and saved with checkpoints)')
-group.add_argument('--model-ema-decay', type=float, default=0.9998,
+group.add_argument('--model-ema-decay', type=float_range(0, 1), default=0.9998,
                    help='decay factor for model weights moving average (default: 0.9998)')
 group.add_argument('--model-ema-warmup', action='store_true', help='enable warmup for model EMA decay')
 
 group = parser.add_argument_group('Miscellaneous parameters')
-group.add_argument('--seed', type=int, default=42, metavar='S', help='random seed (default: 42)')
-group.add_argument('--worker-seeding', type=str, default='all', help='worker seed mode (default: all)')
-group.add_argument('--log-interval', type=int, default=50, metavar='N',
+group.add_argument('--seed', type=int_range(0, 2 ** 31 - 1), default=42, metavar='S', help='random seed (default: 42)')
+group.add_argument('--worker-seeding', type=str, default='all', choices=('all', 'part'),
+                   help='worker seed mode (default: all)')
+group.add_argument('--log-interval', type=int_range(1), default=50, metavar='N',
                    help='how many batches to wait before logging training status')
-group.add_argument('--checkpoint-hist', type=int, default=3, metavar='N',
+group.add_argument('--checkpoint-hist', type=int_range(1), default=3, metavar='N',
                    help='number of epoch checkpoints to keep besides last and best (default: 3)')
-group.add_argument('-j', '--workers', type=int, default=2, metavar='N',
+group.add_argument('-j', '--workers', type=int_range(0), default=2, metavar='N',
                    help='how many data loading processes to use (default: 2)')
 group.add_argument('--pin-mem', action='store_true', default=False, help='pin CPU memory in DataLoader')
 group.add_argument('--no-prefetcher', action='store_true', default=False, help='disable fast prefetcher')
 group.add_argument('--output', default='', type=str, metavar='PATH',
-                   help='path to output folder (default: ./output/train)')
+                   help=f'path to output folder (default: {DEFAULT_OUTPUT}; with --resume: the checkpoint\'s)')
 group.add_argument('--experiment', default='', type=str, metavar='NAME',
-                   help='name of train experiment, name of sub-folder for output (default: date-model-size)')
+                   help='name of train experiment, name of sub-folder for output (default: date-model-size; with '
+                        '--resume: the checkpoint\'s folder)')
 group.add_argument('--overwrite', action='store_true', default=False,
-                   help='allow writing into an existing experiment folder (its files are replaced)')
-group.add_argument('--eval-metric', default='top1', type=str, metavar='EVAL_METRIC',
-                   help='best metric (default: "top1")')
+                   help='start a new run in a folder that holds a previous run: its train.py files (checkpoints, '
+                        'args.yaml, summary.csv, attention.png) are removed first; other files are never touched')
+group.add_argument('--eval-metric', default=None, type=str, choices=('top1', 'top5', 'loss'), metavar='EVAL_METRIC',
+                   help='metric that ranks checkpoints: top1, top5 or loss (default: top1; the train loss with '
+                        '--val-split "")')
 group.add_argument('--no-attention-plot', action='store_true', default=False,
                    help='do not save the positional attention plot at the end')
-
-
-class UsageError(ValueError):
-    """Bad input the user can fix (unknown model, existing folder, bad config); printed as one line."""
 
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or inf; training stops rather than writing a broken model."""
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace, str]:
-    """Parse the command line, with the ``-c`` YAML's keys as defaults; returns args and their YAML text."""
-    args_config, remaining = config_parser.parse_known_args(argv)
+# --------------------------------------------------------------------------------------------------------------------
+# Arguments
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse the command line, with the ``-c`` YAML's keys (checked like options) as defaults."""
+    args_config, _ = config_parser.parse_known_args(argv)
     cfg = load_config(args_config.config) if args_config.config else {}
     # values already on the namespace win over argparse defaults; the command line still overrides them
-    args = parser.parse_args(remaining, namespace=argparse.Namespace(**cfg))
-    args.config = args_config.config
-    args_text = yaml.safe_dump(plain_args(args), default_flow_style=False)
-    return args, args_text
+    args = parser.parse_args(argv, namespace=argparse.Namespace(**cfg))
+    if args.lr is not None and args.lr_base is not None:
+        # --lr and --lr-base are two ways to give one value: the command line's wins over the recipe's, but two
+        # from the same place contradict each other
+        typed = [k for k in ('lr', 'lr_base') if getattr(parser.parse_args(argv), k) is not None]
+        if len(typed) != 1:
+            where = 'on the command line' if typed else f"in config file '{args_config.config}'"
+            raise UsageError(f'--lr and --lr-base both given {where}: --lr is used as given, --lr-base is scaled with '
+                             f'the batch size to give lr; pass one of them')
+        setattr(args, 'lr_base' if typed == ['lr'] else 'lr', None)
+    return args
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    mark = getattr(error, 'problem_mark', None)
+    problem = getattr(error, 'problem', None) or str(error)
+    return f'{problem} at line {mark.line + 1}, column {mark.column + 1}' if mark is not None else problem
 
 
 def load_config(path: str) -> Dict[str, Any]:
-    """Read a YAML recipe and check that each key is a train.py argument, so a typo cannot silently do nothing."""
+    """Read a YAML recipe: each key must be a train.py argument and each value pass that option's checks, so a typo
+    or an out-of-range value cannot silently do something else."""
     if not os.path.isfile(path):
         raise UsageError(f"config file '{path}' not found")
-    with open(path, encoding='utf-8') as f:
-        cfg = yaml.safe_load(f) or {}
+    try:
+        with open(path, encoding='utf-8') as f:
+            cfg = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise UsageError(f"config file '{path}' is not valid YAML: {_yaml_problem(e)}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"config file '{path}' could not be read: {e}") from None
+    if cfg is None:
+        return {}
     if not isinstance(cfg, dict):
         raise UsageError(f"config file '{path}' must be a mapping of train.py arguments, got {type(cfg).__name__}")
-    known = {a.dest for a in parser._actions}
-    unknown = sorted(k for k in cfg if k.replace('-', '_') not in known)
+    actions = {a.dest: a for a in parser._actions if a.dest not in ('help', 'config', 'debug')}
+    unknown = sorted(str(k) for k in cfg if str(k).replace('-', '_') not in actions)
     if unknown:
         raise UsageError(f"config file '{path}' has keys that are not train.py arguments: {', '.join(unknown)}")
-    actions = {a.dest: a for a in parser._actions}
-    return {k.replace('-', '_'): _convert(actions[k.replace('-', '_')], v) for k, v in cfg.items()}
+    return {key.replace('-', '_'): _config_value(f"config file '{path}': {key}", actions[key.replace('-', '_')], value)
+            for key, value in cfg.items()}
 
 
-def _convert(action: argparse.Action, value: Any) -> Any:
-    """Apply the argument's type to YAML strings (YAML reads ``1e-3`` as a string), as argparse would."""
-    if action.type is None or action.type is str:
+def _config_value(where: str, action: argparse.Action, value: Any) -> Any:
+    """A YAML value with the checks the command line applies to the same option: type, range, choices, count."""
+    if value is None and action.default is None:
+        return None
+    if isinstance(action, ParseKwargs):
+        if not isinstance(value, dict) or not all(isinstance(k, str) and k.isidentifier() for k in value):
+            raise UsageError(f'{where}: expected a mapping of keyword arguments, got {value!r}')
         return value
-    if isinstance(value, str):
-        return action.type(value)
-    if isinstance(value, list):
-        return [action.type(v) if isinstance(v, str) else v for v in value]
+    if action.nargs == 0:  # a flag
+        if not isinstance(value, bool):
+            raise UsageError(f'{where}: expected true or false, got {value!r}')
+        return value
+    if action.nargs in ('+', '*') or isinstance(action.nargs, int):
+        count = f'{action.nargs} values' if isinstance(action.nargs, int) else 'a list'
+        if not isinstance(value, list) or (isinstance(action.nargs, int) and len(value) != action.nargs) or (
+                action.nargs == '+' and not value):
+            raise UsageError(f'{where}: expected {count}, got {value!r}')
+        return [_config_scalar(where, action, v) for v in value]
+    return _config_scalar(where, action, value)
+
+
+def _config_scalar(where: str, action: argparse.Action, value: Any) -> Any:
+    if action.type in (None, str):
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise UsageError(f'{where}: expected a string, got {value!r}')
+        value = str(value)
+    else:
+        try:
+            value = action.type(value)
+        except (argparse.ArgumentTypeError, TypeError, ValueError) as e:
+            raise UsageError(f'{where}: {e}') from None
+    if action.choices is not None and value not in action.choices:
+        raise UsageError(f'{where}: {value!r} is not one of {", ".join(map(repr, action.choices))}')
     return value
 
 
-def plain_args(args: argparse.Namespace) -> Dict[str, Any]:
-    """Arguments as plain Python types, so checkpoints load with ``torch.load(weights_only=True)``."""
-    def _plain(v):
-        if v is None or isinstance(v, (bool, int, float, str)):
-            return v
-        if isinstance(v, (list, tuple)):
-            return [_plain(x) for x in v]
-        if isinstance(v, dict):
-            return {str(k): _plain(x) for k, x in v.items()}
-        return str(v)
-    return {k: _plain(v) for k, v in vars(args).items()}
+def resolve_defaults(args: argparse.Namespace) -> None:
+    """Fill in the defaults that depend on the dataset (the built-in demo run needs none of them set)."""
+    if not args.dataset and not args.data_dir:
+        args.dataset = 'structured'
+    structured = is_structured(args.dataset)
+    if args.no_aug is None:
+        args.no_aug = structured
+    demo = structured and args.model == DEFAULT_MODEL
+    if demo:
+        # measured (docs/paper_experiments.md): one positional block with average pooling, so that every patch
+        # token aggregates its attention row and passes it through the MLP before pooling, learns the hidden sets
+        # (own-set association well above chance) within CPU minutes; the 7-block class-token model learns only the
+        # count of +-w* patches at this budget. Model kwargs given on the command line take precedence.
+        defaults = dict(STRUCTURED_DEMO_MODEL_KWARGS)
+        if args.gp is not None:
+            defaults.pop('global_pool')
+        args.model_kwargs = {**defaults, **(args.model_kwargs or {})}
+    if args.epochs is None:
+        args.epochs = STRUCTURED_DEMO_EPOCHS if demo else 2
+    if args.lr is None and args.lr_base is None:
+        args.lr_base = STRUCTURED_DEMO_LR_BASE if demo else 1e-3
+    if structured:  # the normalization that gives the patch values back (timm_posattn.dataset_info)
+        info = get_dataset_info(args.dataset)
+        args.mean = list(info.mean) if args.mean is None else args.mean
+        args.std = list(info.std) if args.std is None else args.std
+        args.crop_pct = info.crop_pct if args.crop_pct is None else args.crop_pct
+        args.interpolation = args.interpolation or info.interpolation
+    if args.eval_metric is None:
+        args.eval_metric = 'top1' if args.val_split else 'loss'
+    args.prefetcher = not args.no_prefetcher
+    if args.device is None:
+        args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
 
 
-def atomic_write_text(path: str, text: str) -> None:
-    """Write text so that readers never see half a file."""
-    atomic_write(path, lambda f: f.write(text.encode('utf-8')))
+def check_args(args: argparse.Namespace) -> None:
+    """What argparse cannot check option by option; runs before anything is built, so a refused run costs nothing."""
+    if args.start_epoch is not None and args.start_epoch >= args.epochs:
+        raise UsageError(f'--start-epoch {args.start_epoch} leaves nothing to train with --epochs {args.epochs}')
+    if args.val_num_samples is not None and not args.val_split:
+        raise UsageError(f'--val-num-samples {args.val_num_samples} with --val-split "": there is no evaluation')
+    if args.eval_metric != 'loss' and not args.val_split:
+        raise UsageError(f'--eval-metric {args.eval_metric} needs evaluation, but --val-split is empty; rank by the '
+                         f'train loss (--eval-metric loss) or give a validation split')
+    if args.pretrained and args.initial_checkpoint:
+        raise UsageError('--pretrained and --initial-checkpoint both give the starting weights: pass one of them')
+    kind, name = parse_model_name(args.model)
+    if kind is None:
+        require_registered(split_model_name_tag(name)[0], '--model')
+    try:
+        get_optimizer_info(args.opt.lower().split('_')[-1])  # timm's names: 'adamw', 'lookahead_adamw', ...
+    except ValueError:
+        raise UsageError(f'--opt {args.opt}: unknown optimizer, expected a name of timm.optim.list_optimizers()'
+                         ) from None
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise UsageError(f'--device {args.device!r} is not a torch device (expected cpu, cuda, cuda:N, mps, ...)'
+                         ) from None
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise UsageError(f'--device {args.device}: no CUDA device is available here (use --device cpu)')
+    if args.aug_repeats and not utils.is_distributed_env():
+        raise UsageError(f'--aug-repeats {args.aug_repeats} needs distributed training (torchrun): timm repeats '
+                         f'augmentations only through its distributed sampler')
+
+
+def import_device_modules(args: argparse.Namespace) -> None:
+    for module in args.device_modules or []:
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise UsageError(f'--device-modules {module}: {e}') from None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The experiment folder and checkpoints
 
 
 class AtomicCheckpointSaver(utils.CheckpointSaver):
-    """timm's CheckpointSaver with crash-safe writes and weights_only-loadable checkpoints.
+    """timm's CheckpointSaver writing the `timm_posattn.loading` checkpoint format, crash-safe.
 
     timm writes ``last`` via a temp file but unlinks the target first, and falls back to a plain copy for ``best``;
-    here every file is complete before ``os.replace`` puts it in place. ``args`` is stored as a plain dict.
+    here every file is complete before ``os.replace`` puts it in place.
     """
 
     def _save(self, save_path, epoch, metric=None):
-        save_state = {
-            'epoch': epoch,
-            'arch': self.args.model if self.args is not None else type(self.model).__name__.lower(),
-            'state_dict': utils.get_state_dict(self.model, self.unwrap_fn),
-            'optimizer': self.optimizer.state_dict(),
-            'version': 2,  # timm: version < 2 incremented epoch before save
-        }
-        if self.args is not None:
-            save_state['args'] = plain_args(self.args)
+        extra = {'optimizer': self.optimizer.state_dict(), 'saver': self.state_dict(epoch, metric)}
         if self.amp_scaler is not None:
-            save_state[self.amp_scaler.state_dict_key] = self.amp_scaler.state_dict()
-        if self.model_ema is not None:
-            save_state['state_dict_ema'] = utils.get_state_dict(self.model_ema, self.unwrap_fn)
-        if metric is not None:
-            save_state['metric'] = metric
-        if hasattr(self, 'state_dict'):  # timm >= 1.0.28 keeps its checkpoint history across resumes
-            save_state['saver'] = self.state_dict(epoch, metric)
-        atomic_write(save_path, lambda f: torch.save(save_state, f))
+            extra[self.amp_scaler.state_dict_key] = self.amp_scaler.state_dict()
+        checkpoint = make_checkpoint(
+            arch=self.args.model if self.args is not None else type(self.model).__name__.lower(),
+            epoch=epoch,
+            state_dict=utils.get_state_dict(self.model, self.unwrap_fn),
+            args=self.args,
+            state_dict_ema=utils.get_state_dict(self.model_ema, self.unwrap_fn) if self.model_ema is not None else None,
+            metric=metric,
+            **extra,
+        )
+        atomic_write(save_path, lambda f: torch.save(checkpoint, f))
 
     def _replace(self, src, dst):
         os.replace(src, dst)  # atomic on POSIX and Windows; never leaves dst missing
@@ -353,60 +514,163 @@ class AtomicCheckpointSaver(utils.CheckpointSaver):
             shutil.copy2(src, tmp)
         os.replace(tmp, dst)
 
-
-def load_training_checkpoint(path: str) -> Dict[str, Any]:
-    """Load a training checkpoint with ``weights_only=True`` (timm's Namespace args are allowed for its checkpoints)."""
-    if not os.path.isfile(path):
-        raise UsageError(f"--resume checkpoint '{path}' not found")
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-    if not isinstance(checkpoint, dict) or 'state_dict' not in checkpoint:
-        raise UsageError(f"'{path}' is not a training checkpoint: expected a dict with 'state_dict', 'optimizer', "
-                         f"'epoch' (use --initial-checkpoint for plain weights)")
-    return checkpoint
+    def restore_best(self, source: str) -> None:
+        """Put ``source`` (the checkpoint of ``best_epoch``) in place as model_best."""
+        self._duplicate(source, os.path.join(self.checkpoint_dir, 'model_best' + self.extension))
 
 
-def resume_training(checkpoint, model, optimizer=None, loss_scaler=None) -> int:
-    """Restore model, optimizer and AMP scaler state; returns the epoch to start at."""
-    model.load_state_dict(clean_state_dict(checkpoint['state_dict']))
-    if optimizer is not None and 'optimizer' in checkpoint:
-        optimizer.load_state_dict(checkpoint['optimizer'])
-    if loss_scaler is not None and loss_scaler.state_dict_key in checkpoint:
-        loss_scaler.load_state_dict(checkpoint[loss_scaler.state_dict_key])
-    epoch = checkpoint.get('epoch', -1)
-    return epoch + 1 if checkpoint.get('version', 1) > 1 else epoch
+def _same_path(a: str, b: str) -> bool:
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return os.path.abspath(a) == os.path.abspath(b)
 
 
-def trim_summary(filename: str, start_epoch: int) -> None:
-    """Drop summary rows at or after ``start_epoch`` so a resumed run does not repeat them."""
-    if not os.path.exists(filename):
-        return
-    with open(filename, encoding='utf-8') as f:
-        lines = f.read().splitlines()
-    if not lines:
-        return
-    keep = [lines[0]] + [ln for ln in lines[1:] if ln and int(float(ln.split(',')[0])) < start_epoch]
-    atomic_write_text(filename, '\n'.join(keep) + '\n' if len(keep) > 1 else '')
+def resolve_output_folder(args: argparse.Namespace, resume: Optional[TrainCheckpoint] = None) -> OutputFolder:
+    """The experiment folder, checked before anything is built (a refused run costs nothing).
 
-
-def resolve_output_dir(args: argparse.Namespace) -> str:
-    """The experiment folder; refuses one that already holds files unless resuming into it or --overwrite.
-
-    Checked before anything is built, so a refused run costs nothing.
+    A new run needs a folder without a previous run's files (or --overwrite). A resumed run continues in its
+    checkpoint's folder; --output/--experiment naming another folder forks it there, which must be new or empty.
     """
-    if args.experiment:
-        output_dir = os.path.join(args.output or './output/train', args.experiment)
-    elif args.resume and not args.output:
-        output_dir = os.path.dirname(os.path.abspath(args.resume))  # continue where the checkpoint lives
+    if resume is not None:
+        run_dir = os.path.dirname(os.path.abspath(resume.path))
+        path = os.path.join(args.output or os.path.dirname(run_dir), args.experiment or os.path.basename(run_dir))
     else:
         size = args.input_size[-1] if args.input_size else args.img_size
-        parts = [datetime.now().strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model)] + ([str(size)] if size else [])
-        exp_name = '-'.join(parts)
-        output_dir = os.path.join(args.output or './output/train', exp_name)
-    if os.path.isdir(output_dir) and os.listdir(output_dir) and not (args.resume or args.overwrite):
-        raise UsageError(f"experiment folder '{output_dir}' already exists; pass --resume CHECKPOINT to continue it, "
-                         f"--overwrite to replace its files, or choose another --experiment")
-    return output_dir
+        name = args.experiment or '-'.join(
+            [datetime.now().strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model)] + ([str(size)] if size else []))
+        path = os.path.join(args.output or DEFAULT_OUTPUT, name)
+    folder = OutputFolder(path, OWNED_FILES, overwrite=args.overwrite, command='train.py')
+    if resume is not None and _same_path(path, run_dir):
+        if args.overwrite:
+            raise UsageError(f"--overwrite would remove the run that --resume continues in '{path}'; leave it out")
+        return folder
+    if resume is not None and os.path.isdir(path) and os.listdir(path) and not args.overwrite:
+        raise UsageError(
+            f"--resume continues the run in '{run_dir}', but --output/--experiment name '{path}', which already "
+            f"holds files: leave them out to continue in place, or name a new (empty) folder to fork the run there")
+    return folder.check()
+
+
+def _saved_epoch(path: str) -> Optional[int]:
+    """The epoch a checkpoint file holds (its tensors memory-mapped, not read); None if it is not readable."""
+    try:
+        return read_checkpoint(path, mmap=True).epoch
+    except LoadError:
+        return None
+
+
+def read_resume_checkpoint(args: argparse.Namespace) -> TrainCheckpoint:
+    """Read --resume and check that this run can continue it: a training checkpoint of the same model and
+    optimizer, with epochs left to train."""
+    ckpt = read_checkpoint(args.resume, mmap=True)
+    if ckpt.epoch is None or not ckpt.args:
+        raise LoadError(f"--resume '{ckpt.path}' is not a training checkpoint (no epoch or arguments): to start a "
+                        f"new run from its weights use --initial-checkpoint")
+    if ckpt.arch is not None and split_model_name_tag(ckpt.arch)[0] != split_model_name_tag(args.model)[0]:
+        raise LoadError(f"--resume '{ckpt.path}' is a checkpoint of {ckpt.arch}, but this run trains {args.model} "
+                        f"(--model); resume with --model {ckpt.arch}, or start from its weights with "
+                        f"--initial-checkpoint")
+    recorded_opt = ckpt.args.get('opt')
+    if recorded_opt and not args.no_resume_opt and recorded_opt.lower() != args.opt.lower():
+        raise LoadError(f"--resume '{ckpt.path}' was trained with --opt {recorded_opt}, this run uses --opt "
+                        f"{args.opt}: give --opt {recorded_opt}, or --no-resume-opt for a fresh optimizer state")
+    start_epoch = args.start_epoch if args.start_epoch is not None else ckpt.epoch + 1
+    if args.epochs <= start_epoch:
+        raise UsageError(f"--resume '{ckpt.path}' completed epoch {ckpt.epoch}: --epochs {args.epochs} leaves "
+                         f"nothing to train (epochs are counted from 0); raise --epochs")
+    return ckpt
+
+
+def check_resume_ranking(ckpt: TrainCheckpoint, args: argparse.Namespace) -> None:
+    """Continuing a run keeps its best checkpoint: the new epochs must be ranked by the same metric."""
+    recorded = ckpt.args.get('eval_metric')
+    if recorded and recorded != args.eval_metric:
+        raise UsageError(f"--resume '{ckpt.path}': the run ranked its checkpoints by {recorded}, this run by "
+                         f"--eval-metric {args.eval_metric}; give --eval-metric {recorded}, or fork the run into a new "
+                         f"folder (--experiment NAME) to rank afresh")
+
+
+def _comparable(value: Any) -> Any:
+    return [_comparable(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def check_resume_model(ckpt: TrainCheckpoint, args: argparse.Namespace) -> None:
+    """The resumed weights must belong to the model this run builds (classes, size, model kwargs)."""
+    recorded = checkpoint_model_kwargs(ckpt.args, ckpt.state_dict)
+    current = checkpoint_model_kwargs(plain_args(args))
+    differ = [f'{k}={recorded.get(k)!r} there, {current.get(k)!r} here' for k in sorted(set(recorded) | set(current))
+              if _comparable(recorded.get(k)) != _comparable(current.get(k))]
+    if differ:
+        raise LoadError(f"--resume '{ckpt.path}' was trained with other model arguments ({'; '.join(differ)}): "
+                        f"repeat the run's --model-kwargs/--num-classes/--img-size/--gp to continue it")
+
+
+def restore_training_state(ckpt: TrainCheckpoint, model: nn.Module, optimizer=None, loss_scaler=None,
+                           log_info: bool = True) -> int:
+    """Model, optimizer and AMP scaler state with timm's `resume_checkpoint` (weights_only=True); returns the epoch
+    to start at."""
+    try:
+        epoch = resume_checkpoint(model, ckpt.path, optimizer=optimizer, loss_scaler=loss_scaler, log_info=log_info)
+    except (RuntimeError, ValueError, KeyError) as e:
+        detail = ' '.join(str(e).split())[:300]
+        raise LoadError(f"--resume '{ckpt.path}' does not fit this run's model or optimizer ({detail}); "
+                        f"--no-resume-opt starts a fresh optimizer state") from None
+    return epoch if epoch is not None else ckpt.epoch + 1
+
+
+def discard_abandoned_run(folder: OutputFolder, start_epoch: int, keep: str) -> None:
+    """Resuming at ``start_epoch`` abandons whatever the run wrote after that: remove those checkpoints (never
+    ``keep``, the one resumed from), so that none of them can later be taken for part of this run."""
+    later = [name for name in folder.existing() if _CHECKPOINT_NAME.fullmatch(name)
+             and int(_CHECKPOINT_NAME.fullmatch(name).group(1)) >= start_epoch]
+    last_epoch = _saved_epoch(folder.file('last.pth.tar')) if os.path.isfile(folder.file('last.pth.tar')) else None
+    if last_epoch is not None and last_epoch >= start_epoch:
+        later.append('last.pth.tar')
+    removed = folder.remove([name for name in later if not _same_path(folder.file(name), keep)])
+    if removed:
+        _logger.info(f'Resuming at epoch {start_epoch}: removed the abandoned later checkpoints {", ".join(removed)}')
+
+
+def reconcile_best(folder: OutputFolder, saver: AtomicCheckpointSaver, resume: TrainCheckpoint) -> None:
+    """Make model_best.pth.tar the checkpoint of the saver's best epoch, so that the best of an abandoned run is never
+    reported as this run's."""
+    best_file = folder.file('model_best.pth.tar')
+    on_disk = _saved_epoch(best_file) if os.path.isfile(best_file) else None
+    if saver.best_epoch is not None and on_disk == saver.best_epoch:
+        return
+    if folder.remove(['model_best.pth.tar']):
+        _logger.info(f'Removed model_best.pth.tar (epoch {on_disk}): the resumed run\'s best is epoch '
+                     f'{saver.best_epoch}')
+    if saver.best_epoch is None:
+        return
+    for source in (folder.file(f'checkpoint-{saver.best_epoch}.pth.tar'), resume.path):
+        if os.path.isfile(source) and _saved_epoch(source) == saver.best_epoch:
+            saver.restore_best(source)
+            _logger.info(f'model_best.pth.tar restored from {source} (epoch {saver.best_epoch})')
+            return
+    _logger.info(f'No checkpoint of the best epoch ({saver.best_epoch}) is left: the best is tracked afresh')
+    saver.best_epoch = saver.best_metric = None
+
+
+class Progress:
+    """What a run has saved, for the message after Ctrl-C."""
+
+    def __init__(self) -> None:
+        self.output_dir: Optional[str] = None
+        self.saved_epoch: Optional[int] = None  # the epoch last.pth.tar holds
+        self.resumed_from: Optional[str] = None
+
+    def describe(self) -> str:
+        if self.saved_epoch is not None:
+            last = os.path.join(self.output_dir, 'last.pth.tar')
+            return f'{last} holds epoch {self.saved_epoch}; continue with --resume {last}'
+        if self.resumed_from:
+            return f'nothing saved yet: no epoch completed since resuming; {self.resumed_from} is unchanged'
+        return 'nothing saved yet: no epoch completed'
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Training and evaluation
 
 
 def is_finite_everywhere(loss: torch.Tensor, args: argparse.Namespace) -> bool:
@@ -552,7 +816,7 @@ def validate(
     return OrderedDict([('loss', losses_m.avg), ('top1', top1_m.avg), ('top5', top5_m.avg)])
 
 
-def report_attention(model: nn.Module, dataset, output_dir: str, args: argparse.Namespace) -> Optional[Dict]:
+def report_attention(model: nn.Module, dataset, folder: OutputFolder, args: argparse.Namespace) -> Optional[Dict]:
     """Print the patch-association score (structured data) and save the positional attention plot."""
     if not hasattr(model, 'get_attention_maps') or not getattr(model, 'pos_attn_indices', None):
         _logger.info('Model has no positional-attention blocks: no attention plot or association score.')
@@ -571,9 +835,13 @@ def report_attention(model: nn.Module, dataset, output_dir: str, args: argparse.
         except ImportError:
             _logger.warning('timm_posattn.visualize is not available: no attention plot saved.')
             return assoc
-        path = save_attention_plot(model, os.path.join(output_dir, 'attention.png'))  # written atomically
+        path = save_attention_plot(model, folder.file('attention.png'))  # written atomically
         print(f'Attention plot: {path}', flush=True)
     return assoc
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Data, model, loss
 
 
 def create_datasets(args: argparse.Namespace):
@@ -593,17 +861,32 @@ def create_datasets(args: argparse.Namespace):
     return dataset_train, dataset_eval
 
 
+def check_train_batches(args: argparse.Namespace, dataset) -> None:
+    """timm's train loader keeps only full batches: with fewer samples than one (global) batch no step would run."""
+    try:
+        num_samples = len(dataset)
+    except TypeError:  # iterable datasets
+        return
+    global_batch = args.batch_size * args.world_size
+    if num_samples < global_batch:
+        processes = f' x {args.world_size} processes' if args.world_size > 1 else ''
+        raise UsageError(
+            f'the train split has {num_samples} samples, fewer than one batch (-b {args.batch_size}{processes}): '
+            f'the train loader keeps only full batches, so no training step would run; lower -b or use more samples')
+
+
 def infer_num_classes(args: argparse.Namespace, dataset) -> Optional[int]:
-    """Classes of the dataset (known names, folder classes, torchvision ``classes``), so --num-classes is optional."""
-    known = {'structured': 2, 'torch/cifar10': 10, 'torch/cifar100': 100, 'torch/svhn': 10}
-    if (args.dataset or '').lower() in known:
-        return known[args.dataset.lower()]
+    """Classes of the data (class folders, torchvision ``classes``), else of the dataset table, so --num-classes is
+    optional."""
     reader = getattr(dataset, 'reader', None)
     class_to_idx = getattr(reader, 'class_to_idx', None) or getattr(dataset, 'class_to_idx', None)
     if class_to_idx:
         return len(class_to_idx)
     classes = getattr(dataset, 'classes', None)
-    return len(classes) if classes else None
+    if classes:
+        return len(classes)
+    info = get_dataset_info(args.dataset)
+    return info.num_classes if info is not None else None
 
 
 def create_loaders(args: argparse.Namespace, dataset_train, dataset_eval, data_config: Dict[str, Any],
@@ -628,12 +911,17 @@ def create_loaders(args: argparse.Namespace, dataset_train, dataset_eval, data_c
     )
     train_interpolation = data_config['interpolation'] if args.no_aug or not args.train_interpolation \
         else args.train_interpolation
-    loader_train = create_loader(
-        dataset_train, batch_size=args.batch_size, is_training=True, no_aug=args.no_aug,
-        re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, train_crop_mode=args.train_crop_mode,
-        scale=args.scale, ratio=args.ratio, hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter,
-        auto_augment=args.aa, num_aug_repeats=args.aug_repeats, interpolation=train_interpolation,
-        collate_fn=collate_fn, worker_seeding=args.worker_seeding, **common_loader)
+    try:
+        loader_train = create_loader(
+            dataset_train, batch_size=args.batch_size, is_training=True, no_aug=args.no_aug,
+            re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, train_crop_mode=args.train_crop_mode,
+            scale=args.scale, ratio=args.ratio, hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter,
+            auto_augment=args.aa, num_aug_repeats=args.aug_repeats, interpolation=train_interpolation,
+            collate_fn=collate_fn, worker_seeding=args.worker_seeding, **common_loader)
+    except (AssertionError, KeyError, ValueError) as e:  # timm parses --aa and the crop options here
+        raise UsageError(f'the training augmentation cannot be built from these options (--aa {args.aa!r}, '
+                         f'--scale, --ratio, --color-jitter ...): {" ".join(str(e).split()) or type(e).__name__}'
+                         ) from None
     loader_eval = None
     if dataset_eval is not None:
         loader_eval = create_loader(
@@ -651,67 +939,114 @@ def create_train_loss(args: argparse.Namespace, mixup_active: bool) -> nn.Module
     return nn.CrossEntropyLoss()
 
 
-def resolve_defaults(args: argparse.Namespace) -> None:
-    """Fill in the defaults that depend on the dataset (the built-in demo run needs none of them set)."""
-    if not args.dataset and not args.data_dir:
-        args.dataset = 'structured'
-    structured = is_structured(args.dataset)
-    if args.no_aug is None:
-        args.no_aug = structured
-    demo = structured and args.model == DEFAULT_MODEL
-    if demo:
-        # measured (docs/paper_experiments.md): one positional block with average pooling, so that every patch
-        # token aggregates its attention row and passes it through the MLP before pooling, learns the hidden sets
-        # (own-set association well above chance) within CPU minutes; the 7-block class-token model learns only the
-        # count of +-w* patches at this budget. Model kwargs given on the command line take precedence.
-        defaults = dict(STRUCTURED_DEMO_MODEL_KWARGS)
-        if args.gp is not None:
-            defaults.pop('global_pool')
-        args.model_kwargs = {**defaults, **(args.model_kwargs or {})}
-    if args.epochs is None:
-        args.epochs = STRUCTURED_DEMO_EPOCHS if demo else 2
-    if args.lr_base is None:
-        args.lr_base = STRUCTURED_DEMO_LR_BASE if demo else 1e-3
-    if structured:
-        args.mean = args.mean or list(STRUCTURED_MEAN)
-        args.std = args.std or list(STRUCTURED_STD)
-        args.crop_pct = args.crop_pct or 1.0
-    args.prefetcher = not args.no_prefetcher
-    args.grad_accum_steps = max(1, args.grad_accum_steps)
-    if args.device is None:
-        args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
+# create_model kwargs that options set, and the option that sets each (for messages)
+_OPTION_OF_KWARG = {'in_chans': '--in-chans', 'num_classes': '--num-classes', 'drop_rate': '--drop',
+                    'drop_path_rate': '--drop-path', 'global_pool': '--gp', 'img_size': '--img-size/--input-size'}
 
 
-def build_model(args: argparse.Namespace) -> nn.Module:
-    in_chans = args.in_chans or (args.input_size[0] if args.input_size else 3)
-    model_args = dict(
-        pretrained=args.pretrained, in_chans=in_chans, num_classes=args.num_classes, drop_rate=args.drop,
-        drop_path_rate=args.drop_path, global_pool=args.gp, checkpoint_path=args.initial_checkpoint or None,
+def _given(args: argparse.Namespace, key: str, value: Any) -> str:
+    """How the user gave a create_model kwarg, for messages."""
+    if key in (args.model_kwargs or {}) or key not in _OPTION_OF_KWARG:
+        return f'--model-kwargs {key}={value!r}'
+    return f'{_OPTION_OF_KWARG[key]} {value!r}'
+
+
+def model_create_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
+    """The `create_model` kwargs of this run: those options set, and --model-kwargs (one value for each)."""
+    img_size = args.input_size[1:] if args.input_size else args.img_size  # the model is built for the data's size
+    kwargs = dict(
+        in_chans=args.in_chans or (args.input_size[0] if args.input_size else 3), num_classes=args.num_classes,
+        drop_rate=args.drop, drop_path_rate=args.drop_path, global_pool=args.gp,
+        img_size=tuple(img_size) if isinstance(img_size, list) else img_size,
     )
-    model_args = {k: v for k, v in model_args.items() if v is not None}
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    for key, value in (args.model_kwargs or {}).items():
+        if key in kwargs and _comparable(kwargs[key]) != _comparable(value):
+            raise UsageError(f'--model-kwargs {key}={value!r} contradicts {_OPTION_OF_KWARG[key]} {kwargs[key]!r}: '
+                             f'give it once')
+        kwargs[key] = value
+    return kwargs
+
+
+def _build_error(name: str, kwargs: Dict[str, Any]) -> Optional[Exception]:
+    """Why the model cannot be built with ``kwargs`` (None if it can); on the meta device, so a probe costs little."""
     try:
-        model = create_model(args.model, **model_args, **args.model_kwargs)
-    except RuntimeError as e:
-        if 'Unknown model' in str(e):
-            raise UsageError(f"unknown model '{args.model}': see timm.list_models('vit_posattn*')") from e
-        raise
-    except FileNotFoundError as e:
-        raise UsageError(f"--initial-checkpoint '{args.initial_checkpoint}' not found") from e
+        with torch.device('meta'):
+            timm.create_model(name, pretrained=False, **kwargs)
+    except Exception as e:  # a probe: whatever stops the build
+        return e
+    return None
+
+
+def refused_model_kwargs(name: str, kwargs: Dict[str, Any]) -> Optional[Tuple[List[str], Exception]]:
+    """The kwargs the model refuses (those that fail alone, else all of them together) and the build's error.
+
+    None when the kwargs are not to blame (the model builds with them, or fails without any).
+    """
+    failure = _build_error(name, kwargs)
+    if failure is None or _build_error(name, {}) is not None:
+        return None
+    alone = [key for key, value in kwargs.items() if _build_error(name, {key: value}) is not None]
+    return alone or list(kwargs), failure
+
+
+def build_model(args: argparse.Namespace, initial: Optional[TrainCheckpoint] = None) -> nn.Module:
+    """The model through `timm_posattn.loading` (pretrained weights verified), with --initial-checkpoint's weights
+    (adapted to another resolution or a standard ViT's attention where needed, logged)."""
+    kwargs = model_create_kwargs(args)
+    try:
+        model = load_model(args.model, pretrained=args.pretrained, **kwargs)
+    except (LoadError, RuntimeError) as e:
+        refused = refused_model_kwargs(args.model, kwargs)
+        if refused is None:
+            raise
+        names, failure = refused
+        given = ', '.join(_given(args, k, kwargs[k]) for k in names)
+        raise UsageError(f'{args.model} refuses {given}: {" ".join(str(failure).split())}') from e
+    if initial is not None:
+        which = load_weights(model, initial, adapt=True)
+        _logger.info(f"Initialized from --initial-checkpoint '{initial.path}' ({which})")
     if args.num_classes is None:
         args.num_classes = model.num_classes
     return model
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+def create_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
+    try:
+        return create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **args.opt_kwargs)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f'--opt {args.opt} cannot be created with these settings (--opt-kwargs {args.opt_kwargs}, '
+                         f'--momentum, --opt-betas, --opt-eps, --layer-decay): {" ".join(str(e).split())}') from None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The command
+
+
+def main(argv: Optional[Sequence[str]] = None, progress: Optional[Progress] = None) -> Dict[str, Any]:
     """Train and evaluate; returns the final eval metrics and the output folder."""
+    progress = progress if progress is not None else Progress()
     if not logging.root.handlers:
         utils.setup_default_logging()
-    args, _ = parse_args(argv)
-    for module in args.device_modules or []:
-        importlib.import_module(module)
+    args = parse_args(argv)
+    import_device_modules(args)
     resolve_defaults(args)
-    # every rank checks the folder so all stop together; only rank 0 writes into it
-    output_dir = resolve_output_dir(args)
+    check_args(args)
+    resume = read_resume_checkpoint(args) if args.resume else None
+    initial = None
+    if args.initial_checkpoint:
+        if resume is None:
+            initial = read_checkpoint(args.initial_checkpoint)
+        else:
+            _logger.info('--initial-checkpoint is not loaded: --resume restores the weights of the run it started')
+    # every rank checks the folder so all stop together; rank 0 writes into it only after all have built their model
+    folder = resolve_output_folder(args, resume)
+    output_dir = str(folder.path)
+    continuing = resume is not None and _same_path(output_dir, os.path.dirname(os.path.abspath(resume.path)))
+    if continuing:
+        check_resume_ranking(resume, args)
+    progress.output_dir = output_dir
+    progress.resumed_from = resume.path if resume is not None else None
 
     device = utils.init_distributed_device(args)
     if not utils.is_primary(args):
@@ -724,9 +1059,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     utils.random_seed(args.seed, args.rank)
 
     dataset_train, dataset_eval = create_datasets(args)
+    check_train_batches(args, dataset_train)
     if args.num_classes is None:
         args.num_classes = infer_num_classes(args, dataset_train)
-    model = build_model(args)
+    if resume is not None:
+        check_resume_model(resume, args)
+    model = build_model(args, initial)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(enable=True)
     if utils.is_primary(args):
@@ -747,7 +1085,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     loader_train, loader_eval, mixup_fn, mixup_active = create_loaders(
         args, dataset_train, dataset_eval, data_config, device)
 
-    if not args.lr:
+    if args.lr is None:  # an --lr given is used as given
         global_batch_size = args.batch_size * args.world_size * args.grad_accum_steps
         batch_ratio = global_batch_size / args.lr_base_size
         if not args.lr_base_scale:
@@ -758,25 +1096,26 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         if utils.is_primary(args):
             _logger.info(f'Learning rate ({args.lr:g}) from --lr-base {args.lr_base:g} and global batch size '
                          f'{global_batch_size} ({args.lr_base_scale} scaling).')
+    if args.sched != 'none' and args.min_lr > args.lr:
+        raise UsageError(f'--min-lr {args.min_lr:g} is above the learning rate {args.lr:g}: the schedule would rise '
+                         f'instead of decay; lower --min-lr')
 
-    optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **args.opt_kwargs)
+    optimizer = create_optimizer(args, model)
 
-    resume_epoch, checkpoint = None, None
-    if args.resume:
-        checkpoint = load_training_checkpoint(args.resume)
-        resume_epoch = resume_training(
-            checkpoint, model,
-            optimizer=None if args.no_resume_opt else optimizer,
-            loss_scaler=None if args.no_resume_opt else loss_scaler)
-        if utils.is_primary(args):
-            _logger.info(f"Resumed from '{args.resume}' (epoch {checkpoint.get('epoch')}).")
+    resume_epoch = None
+    if resume is not None:
+        resume_epoch = restore_training_state(
+            resume, model, optimizer=None if args.no_resume_opt else optimizer,
+            loss_scaler=None if args.no_resume_opt else loss_scaler, log_info=utils.is_primary(args))
 
     model_ema = None
     if args.model_ema:  # created after moving to device and before DDP, as in timm
         model_ema = utils.ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup)
-        if checkpoint is not None:
-            model_ema.module.load_state_dict(
-                clean_state_dict(checkpoint.get('state_dict_ema', checkpoint['state_dict'])))
+        if resume is not None:
+            weights, which = resume.weights()  # the EMA weights when the run kept them
+            model_ema.module.load_state_dict(weights)
+            if which != 'state_dict_ema':
+                _logger.info('The resumed checkpoint has no EMA weights: the EMA restarts from its weights.')
 
     train_model = model
     if args.torchcompile:
@@ -788,33 +1127,39 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     train_loss_fn = create_train_loss(args, mixup_active).to(device)
     validate_loss_fn = nn.CrossEntropyLoss().to(device)
 
-    eval_metric = args.eval_metric if loader_eval is not None else 'loss'
-    decreasing_metric = eval_metric == 'loss'
-    saver = None
-    if utils.is_primary(args):
-        os.makedirs(output_dir, exist_ok=True)
-        saver = AtomicCheckpointSaver(
-            model=model, optimizer=optimizer, args=args, model_ema=model_ema, amp_scaler=loss_scaler,
-            checkpoint_dir=output_dir, recovery_dir=output_dir, decreasing=decreasing_metric,
-            max_history=args.checkpoint_hist)
-        if checkpoint is not None and 'saver' in checkpoint and hasattr(saver, 'load_state_dict') \
-                and os.path.dirname(os.path.abspath(args.resume)) == os.path.abspath(output_dir):
-            saver.load_state_dict(checkpoint['saver'])
-        atomic_write_text(os.path.join(output_dir, 'args.yaml'),
-                          yaml.safe_dump(plain_args(args), default_flow_style=False))
-
     updates_per_epoch = (len(loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
     lr_scheduler, num_epochs = create_scheduler_v2(
-        optimizer, **scheduler_kwargs(args, decreasing_metric=decreasing_metric), updates_per_epoch=updates_per_epoch)
+        optimizer, **scheduler_kwargs(args, decreasing_metric=args.eval_metric == 'loss'),
+        updates_per_epoch=updates_per_epoch)
     start_epoch = args.start_epoch if args.start_epoch is not None else (resume_epoch or 0)
     if lr_scheduler is not None and start_epoch > 0:
         if args.sched_on_updates:
             lr_scheduler.step_update(start_epoch * updates_per_epoch)
         else:
             lr_scheduler.step(start_epoch)
-    summary_path = os.path.join(output_dir, 'summary.csv') if utils.is_primary(args) else None
-    if summary_path:
-        trim_summary(summary_path, start_epoch)
+
+    saver, summary_path = None, None
+    if utils.is_primary(args):
+        if continuing:
+            discard_abandoned_run(folder, start_epoch, keep=resume.path)
+            utils.trim_summary(folder.file('summary.csv'), start_epoch)
+        else:
+            removed = folder.remove(folder.existing())  # only with --overwrite (checked above)
+            if removed:
+                _logger.info(f"--overwrite: removed the previous run's {', '.join(removed)} from {output_dir}")
+        os.makedirs(output_dir, exist_ok=True)
+        saver = AtomicCheckpointSaver(
+            model=model, optimizer=optimizer, args=args, model_ema=model_ema, amp_scaler=loss_scaler,
+            checkpoint_dir=output_dir, recovery_dir=output_dir, decreasing=args.eval_metric == 'loss',
+            max_history=args.checkpoint_hist)
+        if continuing:
+            if resume.raw.get('saver'):
+                saver.load_state_dict(resume.raw['saver'])
+            reconcile_best(folder, saver, resume)
+        folder.write_text('args.yaml', yaml.safe_dump(plain_args(args), default_flow_style=False))
+        summary_path = folder.file('summary.csv')
+    if continuing and os.path.isfile(folder.file('last.pth.tar')):
+        progress.saved_epoch = _saved_epoch(folder.file('last.pth.tar'))
     if utils.is_primary(args):
         _logger.info(f'Training epochs {start_epoch}..{num_epochs - 1}, {updates_per_epoch} updates per epoch; '
                      f'output in {output_dir}')
@@ -836,11 +1181,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                                         amp_autocast, log_suffix=' (EMA)')
         if summary_path:
             lrs = [group['lr'] for group in optimizer.param_groups]
-            utils.update_summary(epoch, train_metrics, eval_metrics, filename=summary_path,
-                                 lr=sum(lrs) / len(lrs), write_header=epoch == 0 or not os.path.exists(summary_path))
-        latest_metric = (eval_metrics or train_metrics)[eval_metric]
+            utils.update_summary(epoch, train_metrics, eval_metrics, filename=summary_path, lr=sum(lrs) / len(lrs))
+        latest_metric = (eval_metrics or train_metrics)[args.eval_metric]
         if saver is not None:
-            best_metric, best_epoch = saver.save_checkpoint(epoch, metric=latest_metric)
+            saver.save_checkpoint(epoch, metric=latest_metric)
+        progress.saved_epoch = epoch
         if lr_scheduler is not None:
             lr_scheduler.step(epoch + 1, latest_metric)
 
@@ -852,29 +1197,27 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             print(f"Final top-1: {eval_metrics['top1']:.2f}%  top-5: {eval_metrics['top5']:.2f}%  "
                   f"({args.dataset or 'folder'}/{args.val_split})", flush=True)
         if saver is not None and saver.best_metric is not None:
-            print(f'Best {eval_metric}: {saver.best_metric:.4f} (epoch {saver.best_epoch})', flush=True)
+            print(f'Best {args.eval_metric}: {saver.best_metric:.4f} (epoch {saver.best_epoch})', flush=True)
         final_model = model_ema.module if model_ema is not None else model
-        result['association'] = report_attention(final_model, dataset_train, output_dir, args)
+        result['association'] = report_attention(final_model, dataset_train, folder, args)
     return result
 
 
 def run(argv: Optional[Sequence[str]] = None) -> int:
-    """Command-line entry: errors the user can fix are one line on stderr and a non-zero exit code."""
+    """Command-line entry: errors the user can fix are one line on stderr and exit code 2 (`timm_posattn.cli`), a
+    non-finite loss exit code 3, Ctrl-C 130 with what was saved."""
+    progress = Progress()
     try:
-        main(argv)
-    except (DatasetError, UsageError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
+        return run_command(lambda: main(argv, progress), argv, on_interrupt=progress.describe)
     except NonFiniteLossError as e:
+        if '--debug' in (sys.argv[1:] if argv is None else argv):
+            raise
+        logging.shutdown()
         print(f'error: training stopped, {e}', file=sys.stderr)
         return 3
-    except KeyboardInterrupt:
-        print('interrupted: the last completed epoch is in last.pth.tar', file=sys.stderr)
-        return 130
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-    return 0
 
 
 if __name__ == '__main__':
