@@ -435,6 +435,10 @@ def resolve_defaults(args: argparse.Namespace) -> None:
         args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
 
 
+def input_channels(args: argparse.Namespace) -> int:
+    return args.input_size[0] if args.input_size else args.in_chans or 3
+
+
 def check_args(args: argparse.Namespace) -> None:
     """What argparse cannot check option by option; runs before anything is built, so a refused run costs nothing."""
     if args.start_epoch is not None and args.start_epoch >= args.epochs:
@@ -446,6 +450,27 @@ def check_args(args: argparse.Namespace) -> None:
                          f'train loss (--eval-metric loss) or give a validation split')
     if args.pretrained and args.initial_checkpoint:
         raise UsageError('--pretrained and --initial-checkpoint both give the starting weights: pass one of them')
+    if args.input_size and (args.img_size is not None or args.in_chans not in (None, args.input_size[0])):
+        raise UsageError('--input-size gives channels and size: do not add --img-size or another --in-chans')
+    in_chans = input_channels(args)
+    if is_structured(args.dataset) and in_chans != 3:
+        raise UsageError(f'the structured images are RGB: expected 3 input channels, got {in_chans}')
+    for option in ('mean', 'std'):
+        values = getattr(args, option)
+        if values is not None and len(values) not in (1, in_chans):
+            raise UsageError(f'--{option} has {len(values)} values: expected 1 or one per input channel ({in_chans})')
+    if args.no_aug:
+        given = [flag for flag, on in (('--aa', args.aa), ('--reprob', args.reprob), ('--train-crop-mode',
+                                                                                       args.train_crop_mode)) if on]
+        if given:
+            why = ', the default for structured, whose labels depend on exact patch positions' \
+                if is_structured(args.dataset) else ''
+            raise UsageError(f'{", ".join(given)} would have no effect: training augmentation is off (--no-aug{why})')
+    if args.sched == 'plateau' and args.sched_on_updates:
+        raise UsageError('--sched plateau steps once per epoch (on the eval metric): add --no-sched-on-updates')
+    if args.torchcompile and args.torchcompile not in torch.compiler.list_backends(exclude_tags=()):
+        raise UsageError(f'--torchcompile {args.torchcompile}: unknown backend, expected one of '
+                         f'{", ".join(torch.compiler.list_backends())}')
     kind, name = parse_model_name(args.model)
     if kind is None:
         require_registered(split_model_name_tag(name)[0], '--model')
@@ -846,7 +871,7 @@ def report_attention(model: nn.Module, dataset, folder: OutputFolder, args: argp
 
 def create_datasets(args: argparse.Namespace):
     """Train and (optional) eval datasets; raises DatasetError with one readable line when they cannot be opened."""
-    in_chans = args.in_chans or (args.input_size[0] if args.input_size else 3)
+    in_chans = input_channels(args)
     common = dict(
         root=args.data_dir, download=args.dataset_download, data_seed=args.data_seed, class_map=args.class_map,
         input_img_mode=args.input_img_mode or ('RGB' if in_chans == 3 else 'L'),
@@ -955,7 +980,7 @@ def model_create_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     """The `create_model` kwargs of this run: those options set, and --model-kwargs (one value for each)."""
     img_size = args.input_size[1:] if args.input_size else args.img_size  # the model is built for the data's size
     kwargs = dict(
-        in_chans=args.in_chans or (args.input_size[0] if args.input_size else 3), num_classes=args.num_classes,
+        in_chans=input_channels(args), num_classes=args.num_classes,
         drop_rate=args.drop, drop_path_rate=args.drop_path, global_pool=args.gp,
         img_size=tuple(img_size) if isinstance(img_size, list) else img_size,
     )
@@ -1060,8 +1085,12 @@ def main(argv: Optional[Sequence[str]] = None, progress: Optional[Progress] = No
 
     dataset_train, dataset_eval = create_datasets(args)
     check_train_batches(args, dataset_train)
+    data_classes = infer_num_classes(args, dataset_train)
     if args.num_classes is None:
-        args.num_classes = infer_num_classes(args, dataset_train)
+        args.num_classes = data_classes
+    elif data_classes is not None and args.num_classes < data_classes:
+        raise UsageError(f'--num-classes {args.num_classes} is fewer than the {data_classes} classes of the data: '
+                         f'their labels would be out of range')
     if resume is not None:
         check_resume_model(resume, args)
     model = build_model(args, initial)
@@ -1070,6 +1099,8 @@ def main(argv: Optional[Sequence[str]] = None, progress: Optional[Progress] = No
     if utils.is_primary(args):
         _logger.info(f'Model {args.model} created, param count: {sum(p.numel() for p in model.parameters())}')
     data_config = resolve_data_config(vars(args), model=model, verbose=utils.is_primary(args))
+    # timm takes the size from the model's pretrained cfg, channels included: the loader must give --in-chans
+    data_config['input_size'] = (input_channels(args), *data_config['input_size'][1:])
 
     model.to(device=device)
     if args.channels_last:
@@ -1128,9 +1159,13 @@ def main(argv: Optional[Sequence[str]] = None, progress: Optional[Progress] = No
     validate_loss_fn = nn.CrossEntropyLoss().to(device)
 
     updates_per_epoch = (len(loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
-    lr_scheduler, num_epochs = create_scheduler_v2(
-        optimizer, **scheduler_kwargs(args, decreasing_metric=args.eval_metric == 'loss'),
-        updates_per_epoch=updates_per_epoch)
+    try:
+        lr_scheduler, num_epochs = create_scheduler_v2(
+            optimizer, **scheduler_kwargs(args, decreasing_metric=args.eval_metric == 'loss'),
+            updates_per_epoch=updates_per_epoch)
+    except (AssertionError, ValueError) as e:
+        raise UsageError(f'--sched {args.sched} cannot be built with these settings: {" ".join(str(e).split())}'
+                         ) from None
     start_epoch = args.start_epoch if args.start_epoch is not None else (resume_epoch or 0)
     if lr_scheduler is not None and start_epoch > 0:
         if args.sched_on_updates:

@@ -100,10 +100,23 @@ def no_model(monkeypatch):
     (['--dataset', 'torch/cifar10', '--data-dir', '{tmp}', '--train-num-samples', '10'], 'has a fixed size'),
     (['--val-split', '', '--val-num-samples', '10'], 'there is no evaluation'),
     (['--train-num-samples', '16'], 'fewer than one batch (-b 64)'),
+    (['--num-classes', '1'], '--num-classes 1 is fewer than the 2 classes of the data'),
+    (['--class-map', '{tmp}/classes.txt'], "dataset 'structured' has fixed labels"),
+    (['--in-chans', '1'], 'the structured images are RGB: expected 3 input channels, got 1'),
+    (['--input-size', '3', '32', '32', '--img-size', '64'], 'do not add --img-size'),
+    (['--mean', '0.5', '0.5'], '--mean has 2 values: expected 1 or one per input channel (3)'),
+    (['--aa', 'rand-m9-mstd0.5'], '--aa would have no effect: training augmentation is off'),
+    (['--sched', 'plateau'], 'add --no-sched-on-updates'),
+    (['--torchcompile', 'inductr'], '--torchcompile inductr: unknown backend'),
+    (['--pretrained', '--initial-checkpoint', '{tmp}/w.pth'], 'both give the starting weights'),
+    (['--device-modules', 'no_such_module_here'], "No module named 'no_such_module_here'"),
+    (['--output', '{tmp}/file/runs'], "'{tmp}/file' is a file"),
 ])
 def test_train_bad_values_are_one_line_before_any_model(argv, expected, tmp_path, capsys, no_model):
+    (tmp_path / 'file').write_text('not a folder')
     argv = [a.replace('{tmp}', str(tmp_path)) for a in argv]
-    code, out, err = call(train.run, [*argv, '--output', tmp_path / 'out'], capsys)
+    expected = expected.replace('{tmp}', str(tmp_path))
+    code, out, err = call(train.run, ['--output', tmp_path / 'out', *argv], capsys)
     assert_one_line_error(code, err, expected)
     assert not (tmp_path / 'out').exists()
 
@@ -159,6 +172,27 @@ def test_model_kwargs_the_model_refuses_are_named(kwargs, expected, tmp_path, ca
     code, out, err = call(train.run, ['--model-kwargs', *kwargs, '-j', '0', *SMALL_DATA, '--output', tmp_path], capsys)
     assert_one_line_error(code, err, expected)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize('argv, expected', [
+    (['--opt', 'sgd', '--momentum', '0'], 'Nesterov momentum requires a momentum'),
+    (['--opt-kwargs', 'betas_typo=1'], "unexpected keyword argument 'betas_typo'"),
+    (['--lr', '1e-6', '--min-lr', '1e-5'], '--min-lr 1e-05 is above the learning rate 1e-06'),
+])
+def test_train_settings_refused_once_the_model_exists_are_one_line(argv, expected, tmp_path, capsys):
+    code, out, err = call(train.run, [*argv, '--output', tmp_path, *SMALL_DATA, *TINY], capsys)
+    assert_one_line_error(code, err, expected)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_image_folder_without_the_split_folder_is_refused(tmp_path, capsys, no_model):
+    """timm reads the whole root when a split has no folder: train/ would silently be evaluated on too."""
+    from PIL import Image
+    for label in ('a', 'b'):
+        (tmp_path / 'data' / 'train' / label).mkdir(parents=True)
+        Image.new('RGB', (32, 32)).save(tmp_path / 'data' / 'train' / label / '0.png')
+    code, out, err = call(train.run, ['--data-dir', tmp_path / 'data', '--output', tmp_path / 'out'], capsys)
+    assert_one_line_error(code, err, "no folder for split 'validation'", '(it has train)')
 
 
 def test_explicit_lr_is_used(tmp_path, capsys):

@@ -20,6 +20,9 @@ _STRUCTURED = get_dataset_info('structured')
 _SVHN = get_dataset_info('svhn')
 _FOLDER_NAMES = ('', 'folder', 'image_folder', 'imagefolder')
 _SIZED_BY_NUM_SAMPLES = ('hfids', 'tfds', 'wds')  # timm's iterable readers take num_samples; other datasets do not
+# the split folders timm's folder datasets look for (timm.data.dataset_factory: the split's name, or a synonym)
+_SPLIT_FOLDER_SYNONYMS = (('train', 'training'), ('val', 'valid', 'validation', 'eval', 'evaluation'))
+_SPLIT_FOLDER_NAMES = ('test',) + sum(_SPLIT_FOLDER_SYNONYMS, ())
 
 
 class DatasetError(UsageError):
@@ -59,7 +62,22 @@ def _create_svhn(root: Optional[str], split: str, download: bool) -> Dataset:
                            f"expected {split}_32x32.mat{hint}") from e
 
 
-def _check_root(name: str, root: Optional[str], download: bool) -> None:
+def _check_split_folder(root: str, split: str) -> None:
+    """timm reads the whole root when it finds no folder for the split: with split folders there, that would train
+    or evaluate on all of them together."""
+    if not os.path.isdir(root):
+        return
+    present = sorted(d for d in os.listdir(root)
+                     if d.lower() in _SPLIT_FOLDER_NAMES and os.path.isdir(os.path.join(root, d)))
+    name = split.split('[')[0]
+    synonyms = next((group for group in _SPLIT_FOLDER_SYNONYMS if name in group), (name,))
+    if present and not any(os.path.isdir(os.path.join(root, s)) for s in synonyms):
+        raise DatasetError(f"no folder for split '{split}' under '{root}' (it has {', '.join(present)}): timm would "
+                           f"read all of them as one dataset; name one of these splits (train.py: --val-split '' "
+                           f"skips evaluation)")
+
+
+def _check_root(name: str, root: Optional[str], download: bool, split: str) -> None:
     """Reject roots that cannot hold the dataset before timm fails on them with a less helpful error."""
     prefix = name.partition('/')[0].lower() if '/' in name else ''
     if name.lower() in _FOLDER_NAMES or name.lower() in ('torch/folder', 'torch/image_folder'):
@@ -71,6 +89,7 @@ def _check_root(name: str, root: Optional[str], download: bool) -> None:
                                f"validation/ sub-folders of class folders, or a .tar file")
         if os.path.isfile(root) and not root.endswith('.tar'):
             raise DatasetError(f"dataset path '{root}' is a file: expected a folder of class folders or a .tar file")
+        _check_split_folder(root, split)
     elif prefix == 'torch':
         if not root:
             raise DatasetError(f"dataset '{name}' needs --data-dir (where it is stored, or go with --dataset-download)")
@@ -109,12 +128,15 @@ def create_dataset(
     if num_samples is not None and not (is_structured(name) or name.partition('/')[0].lower() in _SIZED_BY_NUM_SAMPLES):
         raise DatasetError(f"dataset '{name or 'image folder'}' has a fixed size: a number of samples applies only to "
                            f"structured and to iterable datasets ({', '.join(p + '/' for p in _SIZED_BY_NUM_SAMPLES)})")
+    if kwargs.get('class_map') and (is_structured(name) or name.partition('/')[0].lower() == 'torch'):
+        raise DatasetError(f"dataset '{name}' has fixed labels: a class map applies to image folders and to the "
+                           f"hfds/, hfids/, tfds/, wds/ readers")
     if is_structured(name):
         return _create_structured(split, num_samples, data_seed)
     if name.lower() == _SVHN.dataset_name:
         return _create_svhn(root, split, download)
 
-    _check_root(name, root, download)
+    _check_root(name, root, download, split)
     try:
         ds = timm_create_dataset(
             name, root=root, split=split, is_training=is_training, download=download, num_samples=num_samples,

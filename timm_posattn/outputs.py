@@ -56,6 +56,11 @@ class OutputFolder:
         """Refuse (one line) before any work when owned files exist and replacing them was not asked for."""
         if self.path.exists() and not self.path.is_dir():
             raise OutputExistsError(f"output folder '{self.path}' is a file: expected a folder (or a new path)")
+        ancestor = self.path.parent
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise UsageError(f"output folder '{self.path}' cannot be created: '{ancestor}' is a file")
         existing = self.existing()
         if existing and not self.overwrite:
             shown = ', '.join(existing[:5]) + (f' and {len(existing) - 5} more' if len(existing) > 5 else '')
