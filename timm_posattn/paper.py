@@ -187,9 +187,9 @@ def association_experiment(
         partition=partition.tolist(), elapsed_s=round(time.time() - start, 1),
     )
     if out_dir is not None:
-        title = (f"init={init}, attention={attention}: association {metrics['association']:.2f} (chance {metrics['chance']:.2f}), "
-                 f"purity {metrics['set_purity']:.2f}, ARI {metrics['partition_ari']:.2f}, "
-                 f"test acc {results['test_accuracy']:.3f}")
+        title = (f"init={init}, attention={attention}: association {metrics['association']:.2f} "
+                 f"(chance {metrics['chance']:.2f}), purity {metrics['set_purity']:.2f}, "
+                 f"ARI {metrics['partition_ari']:.2f}, test acc {results['test_accuracy']:.3f}")
         results['files'] = [
             os.path.basename(save_attention_heatmap(attn, partition, os.path.join(out_dir, 'attention.png'), title)),
             os.path.basename(save_metrics_plot(history, os.path.join(out_dir, 'metrics.png'), metrics['chance'],
