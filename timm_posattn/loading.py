@@ -193,8 +193,14 @@ def checkpoint_model_kwargs(args: Mapping[str, Any], state_dict: Optional[Mappin
     if args.get('gp'):
         kwargs['global_pool'] = args['gp']
     kwargs.update(args.get('model_kwargs') or {})
-    if 'num_classes' not in kwargs and state_dict is not None and 'head.weight' in state_dict:
-        kwargs['num_classes'] = int(state_dict['head.weight'].shape[0])
+    if state_dict is not None:
+        if 'num_classes' not in kwargs and 'head.weight' in state_dict:
+            kwargs['num_classes'] = int(state_dict['head.weight'].shape[0])
+        if 'pos_attn_layer' not in kwargs:  # the weights say which layer, whatever the default was when trained
+            from .layers import infer_pos_attn_layer
+            layer = infer_pos_attn_layer(state_dict)
+            if layer is not None:
+                kwargs['pos_attn_layer'] = layer
     return kwargs
 
 
