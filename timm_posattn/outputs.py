@@ -56,6 +56,10 @@ class OutputFolder:
         """Refuse (one line) before any work when owned files exist and replacing them was not asked for."""
         if self.path.exists() and not self.path.is_dir():
             raise OutputExistsError(f"output folder '{self.path}' is a file: expected a folder (or a new path)")
+        folders = [name for name in self.owned if (self.path / name).is_dir()]
+        if folders:
+            raise OutputExistsError(f"'{self.path / folders[0]}' is a folder: expected a file name for the output of "
+                                    f"{self.command}")
         existing = self.existing()
         if existing and not self.overwrite:
             shown = ', '.join(existing[:5]) + (f' and {len(existing) - 5} more' if len(existing) > 5 else '')
