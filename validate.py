@@ -136,7 +136,7 @@ def resolve_data(args: argparse.Namespace, ckpt: Optional[TrainCheckpoint]) -> D
     num_samples = args.num_samples
     if num_samples is None and same_split:
         num_samples = saved.get('val_num_samples')
-    data_seed = args.data_seed if args.data_seed is not None else (saved.get('data_seed') or 0 if same_data else 0)
+    data_seed = args.data_seed if args.data_seed is not None else ((saved.get('data_seed') or 0) if same_data else 0)
     data_dir = args.data_dir if args.data_dir is not None else (saved.get('data_dir') if same_data else None)
     return dict(dataset=dataset, root=data_dir, split=split, num_samples=num_samples, data_seed=data_seed)
 
