@@ -41,7 +41,7 @@ from timm.optim import create_optimizer_v2, get_optimizer_info, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 
 import timm_posattn  # noqa: F401  registers the vit_posattn_* models with timm
-from timm_posattn.cli import ArgumentParser, UsageError, float_range, int_range, run_command
+from timm_posattn.cli import ArgumentParser, ParseKwargs, UsageError, device_arg, float_range, int_range, run_command
 from timm_posattn.data import create_dataset, is_structured
 from timm_posattn.dataset_info import get_dataset_info
 from timm_posattn.files import atomic_write
@@ -68,17 +68,6 @@ OWNED_FILES = (
 _CHECKPOINT_NAME = re.compile(r'checkpoint-(\d+)\.pth\.tar')
 INTERPOLATIONS = ('bicubic', 'bilinear', 'box', 'hamming', 'lanczos', 'nearest')  # timm.data.transforms' names
 SCHEDULERS = ('cosine', 'tanh', 'step', 'constant', 'multistep', 'plateau', 'poly', 'wsd', 'rsqrt', 'none')
-
-
-class ParseKwargs(utils.ParseKwargs):
-    """timm's ``key=value`` option (values read as Python literals), refusing an item that is not ``key=value``."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        for item in values:
-            key = item.split('=', 1)[0]
-            if item and ('=' not in item or not key.isidentifier()):
-                raise argparse.ArgumentError(self, f'expected key=value items (e.g. depth=2), got {item!r}')
-        super().__call__(parser, namespace, values, option_string)
 
 
 # The first parser reads only --config; the YAML's keys become defaults of the main parser (as in timm's train.py).
@@ -158,7 +147,8 @@ group.add_argument('--torchcompile', nargs='?', type=str, default=None, const='i
                    help='enable torch.compile with the given backend (default: inductor)')
 
 group = parser.add_argument_group('Device parameters')
-group.add_argument('--device', default=None, type=str, help='device to use (default: cuda if available, else cpu)')
+group.add_argument('--device', default=None, type=device_arg,
+                   help='device to use (default: cuda if available, else cpu)')
 group.add_argument('--amp', action='store_true', default=False, help='use AMP for mixed precision training')
 group.add_argument('--amp-dtype', default='float16', type=str, choices=('float16', 'bfloat16'),
                    help='lower precision AMP dtype (default: float16)')
@@ -479,13 +469,6 @@ def check_args(args: argparse.Namespace) -> None:
     except ValueError:
         raise UsageError(f'--opt {args.opt}: unknown optimizer, expected a name of timm.optim.list_optimizers()'
                          ) from None
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise UsageError(f'--device {args.device!r} is not a torch device (expected cpu, cuda, cuda:N, mps, ...)'
-                         ) from None
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise UsageError(f'--device {args.device}: no CUDA device is available here (use --device cpu)')
     if args.aug_repeats and not utils.is_distributed_env():
         raise UsageError(f'--aug-repeats {args.aug_repeats} needs distributed training (torchrun): timm repeats '
                          f'augmentations only through its distributed sampler')
@@ -621,7 +604,7 @@ def _comparable(value: Any) -> Any:
 
 def check_resume_model(ckpt: TrainCheckpoint, args: argparse.Namespace) -> None:
     """The resumed weights must belong to the model this run builds (classes, size, model kwargs)."""
-    recorded = checkpoint_model_kwargs(ckpt.args, ckpt.state_dict)
+    recorded = checkpoint_model_kwargs(ckpt.args)  # as the run gave them: the weights' own fit is checked on loading
     current = checkpoint_model_kwargs(plain_args(args))
     differ = [f'{k}={recorded.get(k)!r} there, {current.get(k)!r} here' for k in sorted(set(recorded) | set(current))
               if _comparable(recorded.get(k)) != _comparable(current.get(k))]

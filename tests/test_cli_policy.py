@@ -92,7 +92,7 @@ def no_model(monkeypatch):
     (['--model-kwargs', 'depth'], 'expected key=value'),
     (['--model', 'vit_posattn_nonexistent'], "unknown model architecture 'vit_posattn_nonexistent'"),
     (['--opt', 'adamww'], '--opt adamww: unknown optimizer'),
-    (['--device', 'gpu0'], "--device 'gpu0' is not a torch device"),
+    (['--device', 'gpu0'], "expected a device such as cpu, cuda or cuda:0, got 'gpu0'"),
     (['--lr', '1e-3', '--lr-base', '1e-3'], '--lr and --lr-base both given on the command line'),
     (['--eval-metric', 'top1', '--val-split', ''], '--eval-metric top1 needs evaluation'),
     (['--start-epoch', '3', '--epochs', '2'], '--start-epoch 3 leaves nothing to train'),
@@ -206,7 +206,7 @@ def test_explicit_lr_is_used(tmp_path, capsys):
 
 
 @pytest.mark.parametrize('make, expected', [
-    (lambda p: p.write_bytes(b''), 'could not read checkpoint'),
+    (lambda p: p.write_bytes(b''), 'is empty (0 bytes)'),
     (lambda p: p.write_text('not a checkpoint'), 'could not read checkpoint'),
     (lambda p: p.write_bytes(b'PK\x03\x04' + b'\0' * 64), 'could not read checkpoint'),
     (lambda p: None, 'not found'),

@@ -2,7 +2,8 @@
 
 The Hub itself is never contacted: HF_HUB_OFFLINE=1 and sockets refuse to connect. Hub downloads are exercised
 through a hand-built Hugging Face cache (models--ORG--NAME/{blobs,snapshots,refs}), which is exactly what
-hf_hub_download reads when offline.
+hf_hub_download reads when offline. Checkpoints are written with `loading.make_checkpoint` (train.py's format);
+everything is read back through `timm_posattn.loading`.
 """
 import csv
 import fnmatch
@@ -12,16 +13,21 @@ import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 import timm
-import yaml
+from huggingface_hub import ModelCard
 
 import timm_posattn  # noqa: F401  registers vit_posattn_*
-from timm_posattn import hub, model_card, publish, releases
+from timm_posattn import loading, model_card, publish, releases
+from timm_posattn.cli import UsageError
+
+REPO = Path(__file__).resolve().parents[1]
 
 MODEL = 'vit_posattn_tiny_patch4_32'
 REPO_ID = 'test-org/vit_posattn_tiny_patch4_32.structured'
@@ -73,8 +79,9 @@ def run_dir(tmp_path_factory):
                 interpolation='nearest', epochs=3, lr=0.1, opt='sgd', model_ema=True, val_split='validation',
                 model_kwargs=MODEL_KWARGS,
                 data_dir='/private/data')
-    torch.save(dict(state_dict=model.state_dict(), state_dict_ema=ema, arch=MODEL, epoch=CKPT_EPOCH, args=args,
-                    metric=SUMMARY_TOP1[CKPT_EPOCH], optimizer=optimizer.state_dict()), path / 'checkpoint.pth.tar')
+    torch.save(loading.make_checkpoint(MODEL, CKPT_EPOCH, model.state_dict(), args, state_dict_ema=ema,
+                                       metric=SUMMARY_TOP1[CKPT_EPOCH], optimizer=optimizer.state_dict()),
+               path / 'checkpoint.pth.tar')
     with open(path / 'summary.csv', 'w', newline='') as f:
         writer = csv.writer(f)
         writer.writerow(['epoch', 'train_loss', 'eval_loss', 'eval_top1', 'eval_top5', 'lr'])
@@ -103,7 +110,8 @@ def published(run_dir, tmp_path_factory):
 def test_publish_writes_timm_hub_folder_that_loads_with_identical_logits(published, source_model, run_dir):
     out, summary = published
     assert sorted(p.name for p in out.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
-    assert not [p for p in out.parent.iterdir() if p.name.startswith('.')], 'temporary folder left behind'
+    assert sorted(p.name for p in out.parent.iterdir()) == ['folder'], 'temporary files left behind'
+    assert summary['weights'].startswith('the EMA weights (state_dict_ema)')
     loaded = timm.create_model(f'local-dir:{out}', pretrained=True)
     torch.testing.assert_close(_logits(loaded), _logits(source_model), rtol=0, atol=1e-6)
     assert summary['max_logit_diff'] <= 1e-5
@@ -127,27 +135,27 @@ def test_config_json_has_timm_fields(published, source_model):
     assert not {'hf_hub_id', 'url', 'file', 'source'} & set(pcfg), 'source locations must not be exported'
     info = cfg['timm_posattn']
     assert info['weights'] == 'state_dict_ema' and info['epoch'] == CKPT_EPOCH
-    assert info['weights_sha256'] == hub.sha256_file(out / 'model.safetensors') == summary['weights_sha256']
+    assert info['weights_sha256'] == loading.sha256_file(out / 'model.safetensors') == summary['weights_sha256']
 
 
-def _front_matter(card: str):
-    assert card.startswith('---\n')
-    header, body = card[4:].split('\n---\n', 1)
-    return yaml.safe_load(header), body
+def _front_matter(text: str):
+    """The card as the Hub reads it: huggingface_hub.ModelCard parses the metadata."""
+    card = ModelCard(text)
+    return card.data, card.text
 
 
 def test_model_card_metadata_and_only_measured_numbers(published):
     out, _ = published
     meta, body = _front_matter((out / 'README.md').read_text())
-    assert meta['library_name'] == 'timm' and meta['license'] == 'apache-2.0'
-    assert {'image-classification', 'timm', 'positional-attention', 'synthetic-data'} <= set(meta['tags'])
-    assert 'datasets' not in meta  # the synthetic dataset has no Hub id; never claim one
-    assert meta['metrics'] == ['accuracy']
-    (entry,) = meta['model-index']
-    (result,) = entry['results']
-    assert result['task']['type'] == 'image-classification'
-    # the checkpoint's own epoch row, not the last row; top-5 of a 2-class model is not reported
-    assert [m['value'] for m in result['metrics']] == [SUMMARY_TOP1[CKPT_EPOCH]]
+    assert meta.library_name == 'timm' and meta.license == 'apache-2.0' and meta.pipeline_tag == 'image-classification'
+    assert {'image-classification', 'timm', 'positional-attention', 'synthetic-data'} <= set(meta.tags)
+    assert 'datasets' not in meta.to_dict()  # the synthetic dataset has no Hub id; never claim one
+    assert meta.metrics == ['accuracy']
+    assert meta.model_name == MODEL
+    (result,) = meta.eval_results  # the checkpoint's own epoch row; top-5 of a 2-class model is not reported
+    assert result.task_type == 'image-classification' and result.metric_type == 'accuracy'
+    assert result.metric_value == SUMMARY_TOP1[CKPT_EPOCH] and result.dataset_split == 'validation'
+    assert result.dataset_type == 'structured' and result.dataset_name.startswith('Synthetic')
     assert 'Trained on synthetic data' in body
     assert f'| Top-1 accuracy (%) | {SUMMARY_TOP1[CKPT_EPOCH]:.2f} |' in body and 'best epoch 1' in body
     assert '| Throughput (img/s) | not measured |' in body  # benchmark skipped: no made-up speed
@@ -155,6 +163,10 @@ def test_model_card_metadata_and_only_measured_numbers(published):
     assert '$' not in body.replace('$model_name', '')  # every template placeholder was filled
     assert '/private/data' not in body  # local paths of the training run are not published
     assert 'import timm_posattn' in body and '2210.09221' in body and '@inproceedings' in body
+    # the positional attention layer the checkpoint was trained with, read off the built model
+    assert "use the `'qk'` positional attention layer (`pos_attn_layer='qk'`, `QKAttentionMap`)" in body
+    assert "| Positional attention layer | `'qk'` (`QKAttentionMap`) |" in body
+    assert '| GMACs |' in body and '| GMACs, reparameterized |' in body and 'reparameterize_model' in body
 
 
 def _git_blob_sha1(data: bytes) -> str:
@@ -192,7 +204,7 @@ def test_hf_hub_name_loads_from_cache_offline(hf_cache, source_model):
     torch.testing.assert_close(_logits(model), expected, rtol=0, atol=1e-6)
     assert model.pretrained_cfg['label_names'] == ('-1', '+1') or list(model.pretrained_cfg['label_names']) == [
         '-1', '+1']
-    torch.testing.assert_close(_logits(hub.load_model(f'hf-hub:{REPO_ID}')), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(_logits(loading.load_model(f'hf-hub:{REPO_ID}')), expected, rtol=0, atol=1e-6)
 
 
 def test_registered_tag_pretrained_downloads_through_hf_hub_id(hf_cache, source_model):
@@ -200,7 +212,7 @@ def test_registered_tag_pretrained_downloads_through_hf_hub_id(hf_cache, source_
     kwargs = dict(pretrained_cfg_overlay=overlay, **MODEL_KWARGS)  # the tag's own class count (2) must be used
     model = timm.create_model(f'{MODEL}.structured', pretrained=True, **kwargs)
     torch.testing.assert_close(_logits(model), _logits(source_model), rtol=0, atol=1e-6)
-    model = hub.load_model(f'{MODEL}.structured', pretrained=True, **kwargs)
+    model = loading.load_model(f'{MODEL}.structured', pretrained=True, **kwargs)
     torch.testing.assert_close(_logits(model), _logits(source_model), rtol=0, atol=1e-6)
 
 
@@ -213,8 +225,8 @@ def test_corrupted_blob_in_hf_cache_gives_clear_error(hf_cache):
     data = bytearray(blob.read_bytes())
     data[-10] ^= 0xFF  # a bit flip inside tensor data: structurally valid, checksum wrong
     blob.write_bytes(bytes(data))
-    with pytest.raises(hub.WeightsFileError, match='sha256'):
-        hub.load_model(f'hf-hub:{REPO_ID}')
+    with pytest.raises(loading.WeightsFileError, match='sha256'):
+        loading.load_model(f'hf-hub:{REPO_ID}')
 
 
 @pytest.fixture
@@ -222,28 +234,20 @@ def folder_copy(published, tmp_path):
     return Path(shutil.copytree(published[0], tmp_path / 'copy'))
 
 
-def test_truncated_safetensors_gives_clear_error(folder_copy):
-    weights = folder_copy / 'model.safetensors'
-    weights.write_bytes(weights.read_bytes()[:-1000])
-    with pytest.raises(hub.WeightsFileError, match='truncated'):
-        hub.load_model(f'local-dir:{folder_copy}')
-    with pytest.raises(hub.WeightsFileError, match='truncated'):
-        hub.validate_safetensors(weights)
-
-
 @pytest.mark.parametrize('damage, message', [
-    (lambda data: data[:5], 'too short'),
-    (lambda data: b'\xff' * 8 + data[8:], 'header claims'),
-    (lambda data: data[:8] + b'#' + data[9:], 'not valid JSON'),
-    (lambda data: data + b'\0' * 4, 'trailing bytes'),
+    (lambda data: data[:-1000], 'not fully covered'),  # truncated
+    (lambda data: data[:5], 'header too small'),
+    (lambda data: b'\xff' * 8 + data[8:], 'header too large'),
+    (lambda data: data[:8] + b'#' + data[9:], 'invalid JSON'),
+    (lambda data: data + b'\0' * 4, 'not fully covered'),  # trailing bytes
 ])
 def test_damaged_safetensors_variants(folder_copy, damage, message):
     weights = folder_copy / 'model.safetensors'
     weights.write_bytes(damage(weights.read_bytes()))
-    with pytest.raises(hub.WeightsFileError, match=message):
-        hub.validate_safetensors(weights)
-    with pytest.raises(hub.WeightsFileError):
-        hub.load_model(folder_copy)  # a bare folder path works too
+    with pytest.raises(loading.WeightsFileError, match=message):
+        loading.check_safetensors(weights)
+    with pytest.raises(loading.WeightsFileError, match='damaged or incomplete'):
+        loading.load_model(folder_copy)  # a bare folder path works too
 
 
 def test_bit_flip_caught_by_recorded_checksum(folder_copy):
@@ -251,9 +255,9 @@ def test_bit_flip_caught_by_recorded_checksum(folder_copy):
     data = bytearray(weights.read_bytes())
     data[-3] ^= 0x01
     weights.write_bytes(bytes(data))
-    hub.validate_safetensors(weights)  # structurally fine ...
-    with pytest.raises(hub.WeightsFileError, match='sha256'):
-        hub.load_model(f'local-dir:{folder_copy}')  # ... but not the weights that were published
+    loading.check_safetensors(weights)  # structurally fine ...
+    with pytest.raises(loading.WeightsFileError, match='sha256'):
+        loading.load_model(f'local-dir:{folder_copy}')  # ... but not the weights that were published
 
 
 def test_unknown_architecture_tells_user_to_import(folder_copy):
@@ -262,24 +266,43 @@ def test_unknown_architecture_tells_user_to_import(folder_copy):
         cfg = json.loads(cfg_file.read_text())
         cfg['architecture'] = arch
         cfg_file.write_text(json.dumps(cfg))
-        with pytest.raises(hub.UnknownArchitectureError, match=hint) as err:
-            hub.load_model(f'local-dir:{folder_copy}')
+        with pytest.raises(loading.UnknownArchitectureError, match=hint) as err:
+            loading.load_model(f'local-dir:{folder_copy}')
         assert arch in str(err.value) and 'import timm_posattn' in str(err.value)
-    with pytest.raises(FileNotFoundError, match='config.json'):
-        hub.load_model(f'local-dir:{folder_copy / "missing"}')
+    with pytest.raises(loading.LoadError, match='config.json'):
+        loading.load_model(f'local-dir:{folder_copy / "missing"}')
 
 
-def test_publish_refuses_non_empty_folder_without_force(run_dir, tmp_path):
-    out = tmp_path / 'out'
-    out.mkdir()
-    (out / 'notes.txt').write_text('mine')
-    ckpt = str(run_dir / 'checkpoint.pth.tar')
-    with pytest.raises(publish.RefusedOverwrite, match='--force'):
-        publish.publish(ckpt, MODEL, str(out), benchmark=False)
-    assert publish.main(['--checkpoint', ckpt, '--model', MODEL, '--out', str(out), '--no-benchmark']) == 1
-    assert [p.name for p in out.iterdir()] == ['notes.txt']
-    publish.publish(ckpt, MODEL, str(out), benchmark=False, force=True)
-    assert sorted(p.name for p in out.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
+def run_publish(capsys, *argv):
+    """publish.main in-process: (exit code, stdout, stderr lines)."""
+    code = publish.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, [line for line in err.splitlines() if line.strip()]
+
+
+def test_publish_into_a_run_folder_touches_only_its_own_files(run_dir, tmp_path, capsys):
+    """--force replaces publish's three files and keeps every other file of the folder byte for byte."""
+    run = tmp_path / 'run'
+    run.mkdir()
+    for name in ('checkpoint.pth.tar', 'summary.csv'):
+        shutil.copy(run_dir / name, run / name)
+    (run / 'notes.txt').write_text('mine')
+    others = {p.name: p.read_bytes() for p in run.iterdir()}
+    argv = ['--checkpoint', run / 'checkpoint.pth.tar', '--model', MODEL, '--out', run, '--no-benchmark']
+    code, out, err = run_publish(capsys, *argv)  # no file of publish's there yet: nothing to replace
+    assert code == 0, err
+    assert 'Published the EMA weights (state_dict_ema)' in out
+    published = {name: (run / name).read_bytes() for name in publish.PUBLISHED_FILES}
+    code, out, err = run_publish(capsys, *argv, '--results', run / 'summary.csv')
+    assert code == 2 and len(err) == 1 and '--force' in err[0] and 'README.md' in err[0], err
+    assert {name: (run / name).read_bytes() for name in publish.PUBLISHED_FILES} == published  # refused: unchanged
+    for flag in ('--force', '--overwrite'):
+        code, out, err = run_publish(capsys, *argv, '--results', run / 'summary.csv', flag)
+        assert code == 0, err
+    assert (run / 'README.md').read_bytes() != published['README.md']  # replaced: the card now has the results
+    assert sorted(p.name for p in run.iterdir()) == sorted([*others, *publish.PUBLISHED_FILES])
+    assert {name: (run / name).read_bytes() for name in others} == others
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['run']
 
 
 def _real_signature(fn):
@@ -322,8 +345,10 @@ class FakeHfApi:
         FakeHfApi.calls.append(('create_branch', branch))
 
     @_real_signature
-    def upload_folder(self, repo_id, folder_path, revision=None, **kwargs):
-        FakeHfApi.calls.append(('upload_folder', repo_id, revision, sorted(os.listdir(folder_path))))
+    def upload_folder(self, repo_id, folder_path, revision=None, allow_patterns=None, **kwargs):
+        sent = [name for name in sorted(os.listdir(folder_path))
+                if allow_patterns is None or any(fnmatch.fnmatch(name, p) for p in allow_patterns)]
+        FakeHfApi.calls.append(('upload_folder', repo_id, revision, sent))
         return type('Commit', (), {'oid': 'c' * 40})()
 
 
@@ -336,6 +361,8 @@ def fake_hub(monkeypatch):
 
 
 def test_upload_after_verification_and_card_without_results(run_dir, tmp_path, fake_hub):
+    (tmp_path / 'out').mkdir()
+    (tmp_path / 'out' / 'notes.txt').write_text('private')  # in the folder, never uploaded
     summary = publish.publish(str(run_dir / 'checkpoint.pth.tar'), MODEL, str(tmp_path / 'out'), repo_id=REPO_ID,
                               benchmark=False)
     assert fake_hub.calls == [('create_repo', REPO_ID),
@@ -345,7 +372,7 @@ def test_upload_after_verification_and_card_without_results(run_dir, tmp_path, f
     meta, body = _front_matter((tmp_path / 'out' / 'README.md').read_text())
     assert f"timm.create_model('hf-hub:{REPO_ID}', pretrained=True)" in body
     # published without --results: no accuracy is claimed anywhere
-    assert 'model-index' not in meta and summary['result'] is None
+    assert 'model-index' not in meta.to_dict() and not meta.eval_results and summary['result'] is None
     assert '| Top-1 accuracy (%) | not measured |' in body
 
 
@@ -378,25 +405,106 @@ def test_failed_verification_publishes_nothing(run_dir, tmp_path, fake_hub, monk
     assert fake_hub.calls == [] and not out.exists() and list(tmp_path.iterdir()) == []
 
 
-def test_checkpoint_errors_are_clear(run_dir, tmp_path):
-    with pytest.raises(FileNotFoundError, match='Checkpoint not found'):
-        publish.load_train_checkpoint(str(tmp_path / 'nope.pth.tar'))
+def test_unreachable_hub_is_one_line(run_dir, tmp_path, fake_hub, monkeypatch, capsys):
+    import httpx2
+
+    def refuse(self, repo_id):
+        raise httpx2.ConnectError('[Errno 111] Connection refused')
+    monkeypatch.setattr(FakeHfApi, 'repo_exists', refuse)
+    code, _, err = run_publish(capsys, '--checkpoint', run_dir / 'checkpoint.pth.tar', '--model', MODEL, '--out',
+                               tmp_path / 'out', '--repo-id', REPO_ID)
+    assert code == 2 and len(err) == 1 and 'could not be reached' in err[0] and 'Connection refused' in err[0], err
+    assert not (tmp_path / 'out').exists() and fake_hub.calls == []
+
+
+def test_offline_repo_id_is_one_line(run_dir, tmp_path):
+    """`--repo-id` with the Hub out of reach (offline mode): one line, exit 2, nothing written."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE='1', HF_HOME=str(tmp_path / 'hf'))
+    proc = subprocess.run([sys.executable, '-m', 'timm_posattn.publish', '--checkpoint',
+                           str(run_dir / 'checkpoint.pth.tar'), '--model', MODEL, '--out', str(tmp_path / 'out'),
+                           '--repo-id', REPO_ID], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count('\n') == 1 and proc.stderr.startswith('error: ') and 'Traceback' not in proc.stderr
+    assert 'offline' in proc.stderr and REPO_ID in proc.stderr
+    assert not (tmp_path / 'out').exists()
+
+
+@pytest.fixture(scope='module')
+def nan_checkpoint(run_dir):
+    ckpt = torch.load(run_dir / 'checkpoint.pth.tar', weights_only=True)
+    nan = {k: torch.full_like(v, float('nan')) if v.is_floating_point() else v for k, v in ckpt['state_dict'].items()}
+    path = run_dir.parent / 'nan_checkpoint.pth.tar'
+    torch.save(dict(ckpt, state_dict=nan, state_dict_ema=nan), path)
+    return path
+
+
+@pytest.mark.parametrize('checkpoint, model, expected', [
+    ('{tmp}/nope.pth.tar', MODEL, "checkpoint '{tmp}/nope.pth.tar' not found"),
+    ('{tmp}/bad.pth.tar', MODEL, 'has no weights'),
+    ('{tmp}/empty.pth.tar', MODEL, 'is empty'),
+    ('{run}/checkpoint.pth.tar', 'vit_posattn_small_patch4_32', 'trained as'),
+    ('{run}/checkpoint.pth.tar', 'not_a_model', 'import timm_posattn'),
+    ('{nan}', MODEL, 'non-finite'),
+])
+def test_checkpoint_errors_are_one_line_and_write_nothing(run_dir, nan_checkpoint, tmp_path, capsys, checkpoint,
+                                                          model, expected):
     torch.save({'epoch': 3}, tmp_path / 'bad.pth.tar')
-    with pytest.raises(ValueError, match="no 'state_dict'"):
-        publish.load_train_checkpoint(str(tmp_path / 'bad.pth.tar'))
-    with pytest.raises(ValueError, match='trained as'):
-        publish.publish(str(run_dir / 'checkpoint.pth.tar'), 'vit_posattn_small_patch4_32', str(tmp_path / 'o'))
-    with pytest.raises(hub.UnknownArchitectureError, match='import timm_posattn'):
-        publish.publish(str(run_dir / 'checkpoint.pth.tar'), 'not_a_model', str(tmp_path / 'o'))
+    (tmp_path / 'empty.pth.tar').write_bytes(b'')
+    out = tmp_path / 'out'
+    out.mkdir()
+    (out / 'notes.txt').write_text('mine')
+
+    def fill(text):
+        return text.replace('{tmp}', str(tmp_path)).replace('{run}', str(run_dir)).replace('{nan}', str(nan_checkpoint))
+    code, _, err = run_publish(capsys, '--checkpoint', fill(checkpoint), '--model', model, '--out', out,
+                               '--no-benchmark')
+    assert code == 2 and len(err) == 1 and err[0].startswith('error: ') and fill(expected) in err[0], err
+    assert [p.name for p in out.iterdir()] == ['notes.txt']
 
 
-def test_measure_model_counts_params_macs_and_speed():
+@pytest.mark.parametrize('argv, expected', [
+    (['--atol', '-1'], 'expected >= 0'),
+    (['--bench-device', 'nodevice'], 'expected a device'),
+    (['--use-ema', '--no-ema'], 'not allowed with'),
+    (['--results', '{tmp}/missing.csv'], 'could not read results file'),
+    (['--card-template', '{tmp}/missing.md'], 'could not read --card-template'),
+])
+def test_bad_options_are_one_line(run_dir, tmp_path, capsys, argv, expected):
+    argv = [a.replace('{tmp}', str(tmp_path)) for a in argv]
+    code, _, err = run_publish(capsys, '--checkpoint', run_dir / 'checkpoint.pth.tar', '--model', MODEL, '--out',
+                               tmp_path / 'out', *argv)
+    assert code == 2 and len(err) == 1 and expected in err[0], err
+    assert not (tmp_path / 'out').exists()
+
+
+def test_measure_model_counts_both_forms_and_speed():
+    """GMACs of the model as loaded (A computed per forward) and of the reparameterized model (A baked)."""
     model = _model().eval()
     stats = publish.measure_model(model, (3, 32, 32), batch_size=2, min_seconds=0.0)
     assert stats['params_m'] == pytest.approx(sum(p.numel() for p in model.parameters()) / 1e6)
     # lower bound: the patch embedding + head alone (64 patches x 48 -> 192, then 192 -> 2)
-    assert stats['gmacs'] > (64 * 48 * 192 + 192 * 2) / 1e9
+    assert stats['gmacs_reparameterized'] > (64 * 48 * 192 + 192 * 2) / 1e9
+    # the baked model skips computing A: per block LN(P)·[Wq Wk] (65 x 192 -> 384) and the 12 heads' 65 x 65 logits
+    per_block = (65 * 192 * 384 + 12 * 65 * 65 * 16) / 1e9
+    assert stats['gmacs'] - stats['gmacs_reparameterized'] == pytest.approx(MODEL_KWARGS['depth'] * per_block, rel=0.1)
     assert stats['img_per_sec'] > 0 and 'CPU' in stats['bench_device']
+    assert not any(m.is_reparameterized() for m in model.modules() if hasattr(m, 'is_reparameterized'))
+    twin = timm.create_model(MODEL, num_classes=2, pos_attn_layers='none', **MODEL_KWARGS).eval()
+    twin_stats = publish.measure_model(twin, (3, 32, 32), benchmark=False)
+    assert twin_stats['gmacs'] == twin_stats['gmacs_reparameterized']
+
+
+@pytest.mark.parametrize('layer', ['tied', 'logits'])
+def test_card_names_the_layer_the_checkpoint_was_trained_with(tmp_path, layer):
+    kwargs = dict(MODEL_KWARGS, pos_attn_layer=layer)
+    model = timm.create_model(MODEL, num_classes=2, **kwargs)
+    args = dict(model=MODEL, dataset='structured', num_classes=2, model_kwargs=kwargs)
+    torch.save(loading.make_checkpoint(MODEL, 0, model.state_dict(), args), tmp_path / 'c.pth.tar')
+    publish.publish(str(tmp_path / 'c.pth.tar'), MODEL, str(tmp_path / 'out'), benchmark=False)
+    body = ModelCard((tmp_path / 'out' / 'README.md').read_text()).text
+    cls = type(model.blocks[0].attn.pos_map).__name__
+    assert f"use the `'{layer}'` positional attention layer (`pos_attn_layer='{layer}'`, `{cls}`)" in body
+    assert json.loads((tmp_path / 'out' / 'config.json').read_text())['model_args']['pos_attn_layer'] == layer
 
 
 def test_release_list_never_advertises_unpublished_tags(monkeypatch):
@@ -413,18 +521,31 @@ def test_release_list_never_advertises_unpublished_tags(monkeypatch):
     assert releases.hub_cfg('a_model.other') == {}
 
 
-def test_release_entries_are_validated():
-    releases._check_entry('m.tag', dict(status='planned'))
-    with pytest.raises(ValueError, match='status'):
-        releases._check_entry('m.tag', dict(status='uploaded'))
-    with pytest.raises(ValueError, match='hf_hub_id'):
-        releases._check_entry('m.tag', dict(status='published', hf_hub_id=None))
+@pytest.mark.parametrize('entry, error', [
+    (dict(status='planned'), None),
+    (dict(status='uploaded'), 'status'),
+    (dict(status='published', hf_hub_id=None), 'hf_hub_id'),
+])
+def test_release_entries_are_validated(tmp_path, monkeypatch, entry, error):
+    releases_file = tmp_path / 'releases.json'
+    releases_file.write_text(json.dumps({'releases': {'m.tag': entry}}))
+    monkeypatch.setattr(releases, 'RELEASES_FILE', releases_file)
+    releases.load_releases.cache_clear()
+    try:
+        if error is None:
+            assert releases.load_releases() == {'m.tag': entry}
+        else:
+            with pytest.raises(ValueError, match=error):
+                releases.load_releases()
+    finally:
+        monkeypatch.undo()
+        releases.load_releases.cache_clear()
 
 
 def test_summary_of_another_run_is_rejected(run_dir, tmp_path):
     other = tmp_path / 'other_summary.csv'
     other.write_text('epoch,train_loss,eval_loss,eval_top1,eval_top5,lr\n0,1,1,10.0,100,0.1\n1,1,1,20.0,100,0.1\n')
-    with pytest.raises(ValueError, match='not from the run'):
+    with pytest.raises(UsageError, match='not from the run'):
         publish.publish(str(run_dir / 'checkpoint.pth.tar'), MODEL, str(tmp_path / 'out'), results=str(other))
     assert not (tmp_path / 'out').exists()
 
@@ -436,19 +557,19 @@ def test_no_ema_publishes_plain_weights_without_the_ema_accuracy(run_dir, tmp_pa
     assert summary['result'] is None  # summary.csv holds the EMA model's accuracy
     plain = _model()
     plain.load_state_dict(torch.load(ckpt, weights_only=True)['state_dict'])
-    loaded = hub.load_model(tmp_path / 'out')
+    loaded = loading.load_model(tmp_path / 'out')
     torch.testing.assert_close(_logits(loaded), _logits(plain), rtol=0, atol=1e-6)
     assert json.loads((tmp_path / 'out' / 'config.json').read_text())['timm_posattn']['weights'] == 'state_dict'
 
 
 def test_dataset_facts_for_the_card():
-    cifar100 = model_card.dataset_info('torch/cifar100', 100)
-    assert cifar100['hub_id'] == 'cifar100' and len(set(cifar100['label_names'])) == 100
-    imagenet = model_card.dataset_info('in1k', 1000)  # an ImageFolder run published with the .in1k tag
-    assert imagenet['hub_id'] == 'imagenet-1k' and imagenet['label_names'][0] == 'n01440764'
-    assert model_card.dataset_info('torch/cifar10', 5)['label_names'] is None  # relabelled subset: no wrong names
-    unknown = model_card.dataset_info('hfds/someone/flowers', 7)
-    assert unknown['hub_id'] is None and unknown['label_names'] is None and unknown['title'] == 'hfds/someone/flowers'
+    cifar100 = model_card.card_dataset('torch/cifar100', 100)
+    assert cifar100.hub_id == 'cifar100' and len(set(cifar100.label_names)) == 100
+    imagenet = model_card.card_dataset('', 1000, tag='in1k')  # an ImageFolder run published with the .in1k tag
+    assert imagenet.hub_id == 'imagenet-1k' and imagenet.label_names[0] == 'n01440764'
+    assert model_card.card_dataset('torch/cifar10', 5).label_names is None  # relabelled subset: no wrong names
+    unknown = model_card.card_dataset('hfds/someone/flowers', 7)
+    assert unknown.hub_id is None and unknown.label_names is None and unknown.title == 'hfds/someone/flowers'
 
 
 def test_card_names_the_attention_and_compares_with_the_twin(published):
@@ -459,22 +580,29 @@ def test_card_names_the_attention_and_compares_with_the_twin(published):
     result = model_card.select_result(rows, 1)
     twin = model_card.select_result(twin_rows, None, like=(result, rows))
     assert result['selection'] == 'final' and twin['eval_top1'] == 55.0  # the twin's final epoch, not its best
-    info = dict(args={}, checkpoint='c.pth.tar', epoch=1, weights='state_dict')
-    stats = dict(params_m=1.0, gmacs=0.1, gmacs_uncached=0.2)
-    arch = dict(depth=2, embed_dim=192, num_heads=12, mlp_hidden=192, patch_size=(4, 4), positional_blocks=[0, 1])
-    common = dict(template=model_card.find_card_template(MODEL), model_name=MODEL, config=config, info=info, stats=stats,
-                  result=result, dataset=model_card.dataset_info('torch/cifar10', 10))
+    checkpoint = loading.TrainCheckpoint(path='run/c.pth.tar', state_dict={}, epoch=1)
+    stats = dict(params_m=1.0, gmacs=0.2, gmacs_reparameterized=0.1)
+    arch = model_card.describe_architecture(_model())
+    common = dict(template=model_card.find_card_template(MODEL), model_name=MODEL, config=config,
+                  checkpoint=checkpoint, weights='state_dict', stats=stats, result=result,
+                  dataset=model_card.card_dataset('torch/cifar10', 10))
     card = model_card.render_model_card(twin=twin, architecture=arch, **common)
     assert '**positional attention** in every block' in card
     assert '| standard-attention twin | 55.00 | 100.00 | 1 |' in card and '| 70.00 |' in card
-    assert '- cifar10' in card  # Hub dataset id in the metadata
+    assert '| GMACs | 0.200 |' in card and '| GMACs, reparameterized | 0.100 |' in card
     meta, _ = _front_matter(card)
-    assert [m['value'] for m in meta['model-index'][0]['results'][0]['metrics']] == [70.0, 100.0]  # top-5: 10 classes
+    assert meta.datasets == ['cifar10']  # Hub dataset id in the metadata
+    assert [(r.metric_type, r.metric_value) for r in meta.eval_results] == [('accuracy', 70.0),
+                                                                            ('top_5_accuracy', 100.0)]
+    assert all(r.dataset_type == 'cifar10' and r.dataset_name == 'CIFAR-10' for r in meta.eval_results)
     two_class = model_card.render_model_card(twin=twin, architecture=arch,
-                                          **dict(common, config=dict(config, num_classes=2)))
+                                             **dict(common, config=dict(config, num_classes=2)))
     assert '| standard-attention twin | 55.00 | n/a | 1 |' in two_class
-    twin_card = model_card.render_model_card(twin=None, architecture=dict(arch, positional_blocks=[]), **common)
+    standard = timm.create_model(MODEL, num_classes=2, pos_attn_layers='none', **MODEL_KWARGS)
+    twin_card = model_card.render_model_card(twin=None, architecture=model_card.describe_architecture(standard),
+                                             **common)
     assert '**standard attention** in every block' in twin_card and 'itself the standard-attention twin' in twin_card
+    assert 'it uses no positional attention layer' in twin_card
 
 
 def test_card_templates_found_in_package_then_checkout(tmp_path, monkeypatch):
@@ -487,7 +615,7 @@ def test_card_templates_found_in_package_then_checkout(tmp_path, monkeypatch):
     packaged.mkdir()
     (packaged / 'vit_posattn_patch4_32.md').write_text('packaged card', encoding='utf-8')
     assert model_card.find_card_template('vit_posattn_tiny_patch4_32') == 'packaged card'
-    with pytest.raises(FileNotFoundError, match='vit_posattn_patch16_224.md not found.*--card-template'):
+    with pytest.raises(UsageError, match='vit_posattn_patch16_224.md not found.*--card-template'):
         model_card.find_card_template('vit_posattn_small_patch16_224')
 
 
@@ -501,5 +629,5 @@ def test_pyproject_ships_every_card_template():
     globs = pyproject['package-data']['timm_posattn.model_cards']
     templates = sorted(p.name for p in (root / 'model_cards').iterdir())
     assert templates and all(any(fnmatch.fnmatch(t, g) for g in globs) for t in templates)
-    used = {file for _, file in model_card._CARD_FAMILIES}
+    used = {file for _, file in model_card.CARD_FAMILIES}
     assert used <= set(templates)

@@ -259,3 +259,19 @@ def test_deep_copy_and_pickle_keep_layers_bound_to_their_own_model(tmp_path):
     torch.save(model, tmp_path / 'whole.pt')  # whole-module pickling (a user's choice) still works
     loaded = torch.load(tmp_path / 'whole.pt', weights_only=False)
     assert loaded.blocks[0].attn.pos_source.__self__ is loaded
+
+
+@pytest.mark.parametrize('layer', ['qk', 'tied', 'logits'])
+def test_checkpoint_says_which_layer_it_holds(layer, tmp_path):
+    """A train.py checkpoint whose recorded kwargs do not name the layer (e.g. written before a default changed) is
+    rebuilt with the layer its weights belong to."""
+    from timm_posattn import loading
+    from timm_posattn.layers import infer_pos_attn_layer
+    model = _model(layer)
+    assert infer_pos_attn_layer(model.state_dict()) == layer
+    assert infer_pos_attn_layer(timm.create_model('vit_tiny_patch16_224', depth=1).state_dict()) is None
+    path = tmp_path / 'ckpt.pth.tar'
+    torch.save(loading.make_checkpoint(SMALL, 0, model.state_dict(), args={'model_kwargs': {'depth': 2}}), path)
+    loaded = loading.load_model(str(path))
+    assert type(loaded.blocks[0].attn.pos_map) is type(model.blocks[0].attn.pos_map)
+    torch.testing.assert_close(loaded.get_attention_maps(), model.get_attention_maps())

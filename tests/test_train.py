@@ -20,7 +20,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import train  # noqa: E402
-import validate  # noqa: E402
 from timm_posattn.association import model_association  # noqa: E402
 from timm_posattn.data import DatasetError, create_dataset  # noqa: E402
 from timm_posattn.loading import load_model, make_checkpoint, read_checkpoint  # noqa: E402
@@ -231,17 +230,6 @@ def test_initial_checkpoint_of_another_model_is_one_line(structured_run, tmp_pat
     assert list(tmp_path.iterdir()) == []
 
 
-def test_validate_checkpoint_on_structured(structured_run, capsys):
-    exp, _, _, _ = structured_run
-    code = validate.main(['--checkpoint', str(exp / 'model_best.pth.tar'), '--num-samples', '128', '-j', '0',
-                          '--results-file', str(exp / 'eval.json')])
-    out, err = capsys.readouterr()
-    assert code == 0, err
-    assert 'Top-1:' in out and 'Top-5:' in out
-    results = yaml.safe_load((exp / 'eval.json').read_text())
-    assert results['num_samples'] == 128 and 50.0 < results['top1'] <= 100.0
-
-
 def _image_folder(root: Path, per_class: int = 12):
     """train/ and validation/ with two colour classes whose images differ in their left half."""
     gen = torch.Generator().manual_seed(0)
@@ -275,11 +263,6 @@ def test_image_folder_with_yaml_config(tmp_path, capsys):
     assert 'Final top-1' in out and 'Patch association' not in out  # no positional blocks in the twin
     rows = read_summary(tmp_path / 'out' / 'folder' / 'summary.csv')
     assert len(rows) == 1
-
-    code = validate.main(['--checkpoint', str(tmp_path / 'out' / 'folder' / 'last.pth.tar'),
-                          '--data-dir', str(data), '-j', '0'])
-    out, err = capsys.readouterr()
-    assert code == 0, err and 'Top-1:' in out
 
 
 @pytest.mark.parametrize('path', sorted((REPO / 'configs').glob('*.yaml')), ids=lambda p: p.name)
@@ -365,22 +348,6 @@ def test_torchrun_two_processes_gloo(tmp_path):
     assert len(rows) == 1  # written once, by rank 0
     ckpt = torch.load(tmp_path / 'ddp' / 'last.pth.tar', map_location='cpu', weights_only=True)
     assert not any(k.startswith('module.') for k in ckpt['state_dict'])  # saved unwrapped from DDP
-
-
-def test_validate_local_dir_model(tmp_path, capsys):
-    """A `local-dir:` export (timm's save_for_hf layout) evaluates like a model name."""
-    import timm
-    from timm.models import save_for_hf
-    model_args = dict(depth=1, embed_dim=24, num_heads=2, num_classes=2)
-    model = timm.create_model('vit_posattn_tiny_patch4_32', **model_args)
-    save_for_hf(model, str(tmp_path / 'export'), model_args=model_args, safe_serialization=True)
-    code = validate.main(['--model', f'local-dir:{tmp_path / "export"}', '--pretrained', '--dataset', 'structured',
-                          '--num-samples', '64', '-j', '0', '--results-file', str(tmp_path / 'r.json')])
-    out, err = capsys.readouterr()
-    assert code == 0, err
-    assert 'Top-1:' in out
-    results = yaml.safe_load((tmp_path / 'r.json').read_text())
-    assert results['num_samples'] == 64 and results['model'].startswith('local-dir:')
 
 
 def test_interrupted_checkpoint_write_keeps_the_good_file(tmp_path, monkeypatch):

@@ -11,8 +11,11 @@ import math
 import sys
 from typing import Any, Callable, NoReturn, Optional, Sequence
 
+from timm.utils import ParseKwargs as _TimmParseKwargs
+
 __all__ = [
-    'UsageError', 'ArgumentParser', 'int_range', 'float_range', 'run_command', 'EXIT_USAGE', 'EXIT_INTERRUPTED',
+    'UsageError', 'ArgumentParser', 'ParseKwargs', 'device_arg', 'int_range', 'float_range', 'run_command',
+    'EXIT_USAGE', 'EXIT_INTERRUPTED',
 ]
 
 EXIT_USAGE = 2
@@ -39,6 +42,18 @@ class ArgumentParser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USAGE)
 
 
+class ParseKwargs(_TimmParseKwargs):
+    """timm's `key=value` option parser (`--model-kwargs depth=1 global_pool=avg`), with a one-line error for an
+    item that has no `=` (or no keyword name before it) instead of a traceback."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: Optional[str] = None) -> None:
+        bad = [value for value in values if value and ('=' not in value or not value.split('=', 1)[0].isidentifier())]
+        if bad:
+            parser.error(f'argument {option_string}: expected key=value items, got {bad[0]!r}')
+        super().__call__(parser, namespace, values, option_string)
+
+
 def _number(kind: type, text: Any) -> Any:
     if isinstance(text, bool):
         raise argparse.ArgumentTypeError(f'expected a number, got {text!r}')
@@ -58,7 +73,9 @@ def _range_text(low: Optional[float], high: Optional[float], low_open: bool, hig
         return f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
     if low is not None:
         return f"{'>' if low_open else '>='} {low:g}"
-    return f"{'<' if high_open else '<='} {high:g}"
+    if high is not None:
+        return f"{'<' if high_open else '<='} {high:g}"
+    return 'a finite number'
 
 
 def _ranged(kind: type, low: Optional[float], high: Optional[float], low_open: bool, high_open: bool
@@ -85,6 +102,21 @@ def float_range(low: Optional[float] = None, high: Optional[float] = None, low_o
                 high_open: bool = False) -> Callable[[Any], float]:
     """argparse type: a finite float in [low, high] (open ends with low_open/high_open; None: unbounded)."""
     return _ranged(float, low, high, low_open, high_open)
+
+
+def device_arg(text: str) -> str:
+    """argparse type: a torch device this machine has (cpu, cuda, cuda:N, ...)."""
+    import torch
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f'expected a device such as cpu, cuda or cuda:0, got {text!r}') from None
+    if device.type == 'cuda':
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f'{text}: CUDA is not available on this machine')
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f'{text}: this machine has {torch.cuda.device_count()} CUDA device(s)')
+    return text
 
 
 def _one_line(error: BaseException) -> str:

@@ -27,7 +27,8 @@ from timm.layers import DropPath, LayerNorm, LayerScale, Mlp, trunc_normal_
 __all__ = [
     'PositionalAttentionMap', 'QKAttentionMap', 'TiedAttentionMap', 'LogitsAttentionMap', 'FixedAttentionMap',
     'PositionalAttention', 'PositionalBlock', 'register_pos_attn_layer', 'get_pos_attn_layer',
-    'list_pos_attn_layers', 'apply_positional_attention', 'positional_attention_proj', 'resample_logit_table',
+    'list_pos_attn_layers', 'infer_pos_attn_layer', 'apply_positional_attention', 'positional_attention_proj',
+    'resample_logit_table',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -75,6 +76,26 @@ def get_pos_attn_layer(layer: Union[str, Type['PositionalAttentionMap']]) -> Typ
         return layer
     raise ValueError(f'pos_attn_layer must be one of {list_pos_attn_layers()} or a PositionalAttentionMap subclass, '
                      f'got {layer!r}')
+
+
+def infer_pos_attn_layer(state_dict: Dict[str, torch.Tensor]) -> Optional[str]:
+    """The registered layer whose parameters a checkpoint's positional blocks hold (None: no positional block, or no
+    registered layer matches). Lets a checkpoint say what it is when its recorded kwargs predate a changed default.
+    """
+    first = next((k for k in state_dict if '.attn.pos_map.' in k), None)
+    if first is None:
+        legacy = any(k.startswith('blocks.') and k.endswith(('.attn.qk.weight', '.attn.pos_norm.weight'))
+                     for k in state_dict)
+        return 'qk' if legacy else None  # timm_posattn 0.1 names
+    prefix = first[:first.index('.attn.pos_map.') + len('.attn.pos_map.')]
+    held = {k[len(prefix):].split('.')[0] for k in state_dict if k.startswith(prefix)}
+
+    def names(cls: Type[PositionalAttentionMap], optional: bool) -> Set[str]:
+        probe = cls(4, 1, grid_size=(1, 1), num_prefix_tokens=0, pos_norm=optional, bias=optional)  # tiny
+        return {k.split('.')[0] for k in probe.state_dict()}
+    matches = [name for name, cls in sorted(_POS_ATTN_LAYERS.items())
+               if names(cls, False) <= held <= names(cls, True)]
+    return matches[0] if len(matches) == 1 else None
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ teacher), validate.py, visualize, publish and convert. This module owns
     because those are what it evaluated and ranked;
   * `load_model(source)`: a registered name (`name.tag` with `pretrained=True`), a train.py checkpoint or weights
     file, `hf-hub:ORG/REPO[@rev]`, `local-dir:DIR` or a folder, with the sha256 recorded at publishing checked, a
-    clear error when `import timm_posattn` (or another plugin) is missing, and non-finite weights refused.
+    clear error when `import timm_posattn` (or another plugin) is missing, and non-finite weights refused;
+    `open_model` is the same and also says which weights it loaded (what the commands print).
 
 Every error a user can fix is a `LoadError` with a one-line message.
 """
@@ -34,7 +35,8 @@ __all__ = [
     'LoadError', 'WeightsFileError', 'UnknownArchitectureError', 'NonFiniteWeightsError', 'TrainCheckpoint',
     'WEIGHTS_NAME', 'PUBLISH_INFO_KEY', 'CHECKPOINT_VERSION', 'make_checkpoint', 'plain_args', 'read_checkpoint',
     'checkpoint_model_kwargs', 'check_finite', 'check_safetensors', 'sha256_file', 'read_model_config',
-    'require_registered', 'build_model', 'load_weights', 'load_model',
+    'require_registered', 'build_model', 'load_weights', 'LoadedModel', 'open_model', 'load_model',
+    'add_ema_arguments',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -43,6 +45,7 @@ WEIGHTS_NAME = 'model.safetensors'  # the file timm's hub loaders look for first
 PUBLISH_INFO_KEY = 'timm_posattn'  # config.json section written by publish (ignored by timm itself)
 CHECKPOINT_VERSION = 2  # timm's convention: version >= 2 stores the epoch that was completed
 _SHA256_RE = re.compile(r'[0-9a-f]{64}')
+_CHECKPOINT_SUFFIXES = ('.pth', '.pth.tar', '.pt', '.tar', '.bin', '.ckpt', '.safetensors')  # never a model name
 
 
 class LoadError(UsageError):
@@ -138,6 +141,28 @@ class TrainCheckpoint:
         key = 'state_dict_ema' if (use_ema is None and self.has_ema) or use_ema else 'state_dict'
         return clean_state_dict(getattr(self, key)), key
 
+    def describe(self, which: str) -> str:
+        """Which weights of this checkpoint a command used, for people: 'the EMA weights (state_dict_ema) of ...'."""
+        if which == 'state_dict_ema':
+            what = 'the EMA weights (state_dict_ema)'
+        elif self.has_ema:
+            what = 'the plain weights (state_dict; the run ranked its EMA weights)'
+        else:
+            what = 'the weights (state_dict; no EMA weights in the checkpoint)'
+        return f"{what} of {self.path}" + (f', epoch {self.epoch}' if self.epoch is not None else '')
+
+
+def add_ema_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--use-ema` / `--no-ema` (dest `use_ema`): which weights of a train.py checkpoint a command takes.
+
+    Neither: the EMA weights when the checkpoint has them (what the run evaluated and ranked), else the plain ones.
+    """
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument('--use-ema', dest='use_ema', action='store_const', const=True, default=None,
+                       help="require the checkpoint's EMA weights (default: EMA weights when present)")
+    group.add_argument('--no-ema', dest='use_ema', action='store_const', const=False,
+                       help="take the checkpoint's plain (non-EMA) weights")
+
 
 def _torch_load(path: str, mmap: bool = False) -> Any:
     """torch.load with weights_only=True; timm's own checkpoints may store argparse.Namespace args (allowed).
@@ -160,6 +185,9 @@ def read_checkpoint(path: Union[str, Path], mmap: bool = False) -> TrainCheckpoi
     if not os.path.isfile(path):
         raise WeightsFileError(f"checkpoint '{path}' not found" + (' (it is a folder: use local-dir:)'
                                                                    if os.path.isdir(path) else ''))
+    if os.path.getsize(path) == 0:
+        raise WeightsFileError(f"checkpoint '{path}' is empty (0 bytes): its save was interrupted or it was never "
+                               f"written")
     if path.endswith('.safetensors'):
         check_safetensors(path)
         from safetensors.torch import load_file
@@ -167,7 +195,7 @@ def read_checkpoint(path: Union[str, Path], mmap: bool = False) -> TrainCheckpoi
     try:
         ckpt = _torch_load(path, mmap=mmap)
     except Exception as e:
-        detail = ' '.join(str(e).split())[:200] or type(e).__name__
+        detail = ' '.join(str(e).split()).split('. ')[0][:200] or type(e).__name__  # torch's first sentence
         raise WeightsFileError(f"could not read checkpoint '{path}' (truncated, damaged or not a PyTorch "
                                f"checkpoint; loaded with weights_only=True): {detail}") from None
     if not isinstance(ckpt, dict):
@@ -206,8 +234,14 @@ def checkpoint_model_kwargs(args: Mapping[str, Any], state_dict: Optional[Mappin
     if args.get('gp'):
         kwargs['global_pool'] = args['gp']
     kwargs.update(args.get('model_kwargs') or {})
-    if 'num_classes' not in kwargs and state_dict is not None and 'head.weight' in state_dict:
-        kwargs['num_classes'] = int(state_dict['head.weight'].shape[0])
+    if state_dict is not None:
+        if 'num_classes' not in kwargs and 'head.weight' in state_dict:
+            kwargs['num_classes'] = int(state_dict['head.weight'].shape[0])
+        if 'pos_attn_layer' not in kwargs:  # the weights say which layer, whatever the default was when trained
+            from .layers import infer_pos_attn_layer
+            layer = infer_pos_attn_layer(state_dict)
+            if layer is not None:
+                kwargs['pos_attn_layer'] = layer
     return kwargs
 
 
@@ -364,12 +398,20 @@ def _check_registered_name(name: str, pretrained: bool, kwargs: Mapping[str, Any
 def _parse_source(source: Union[str, Path]) -> Tuple[Optional[str], str]:
     """(kind, id): kind 'local-dir', 'hf-hub', 'file' or None (a registered name)."""
     name = str(source)
+    if ':' not in name and name.endswith(_CHECKPOINT_SUFFIXES):
+        return 'file', name  # missing or not, a checkpoint path: read_checkpoint says what is wrong with it
     if isinstance(source, Path) or (':' not in name and os.path.exists(name)):
         if os.path.isfile(name):
             return 'file', name
         if not is_model(split_model_name_tag(name)[0]):  # a registered model name wins over a folder of that name
             return 'local-dir', name
-    return parse_model_name(name)
+    try:
+        return parse_model_name(name)
+    except ValueError as e:
+        if ':' not in name and not os.path.exists(name):  # a path (timm names have no '/' or '\\')
+            raise LoadError(f"'{name}' not found: expected a model name, an existing checkpoint file or folder, "
+                            f"hf-hub:ORG/REPO or local-dir:FOLDER") from None
+        raise LoadError(' '.join(str(e).split())) from None
 
 
 def _create(name: str, origin: str, **kwargs: Any) -> nn.Module:
@@ -408,7 +450,15 @@ def load_weights(model: nn.Module, checkpoint: Union[str, TrainCheckpoint], use_
                 state_dict = checkpoint_filter_fn(state_dict, model)
             except ValueError as e:
                 raise LoadError(f'{ckpt.path}: {" ".join(str(e).split())}') from None
-    incompatible = model.load_state_dict(state_dict, strict=False)
+    try:
+        incompatible = model.load_state_dict(state_dict, strict=False)
+    except RuntimeError as e:  # shapes that do not fit (strict=False still refuses those)
+        mismatches = [line.strip() for line in str(e).splitlines() if 'size mismatch' in line]
+        if not mismatches:
+            raise
+        raise LoadError(f"{ckpt.path} does not fit {type(model).__name__}: {mismatches[0]}"
+                        f"{f' (and {len(mismatches) - 1} more)' if len(mismatches) > 1 else ''} (is it another "
+                        f"architecture, width or number of classes?)") from None
     if incompatible.missing_keys or incompatible.unexpected_keys:
         raise LoadError(
             f"{ckpt.path} does not fit {type(model).__name__}: missing {incompatible.missing_keys[:4]}, unexpected "
@@ -438,6 +488,67 @@ def build_model(ckpt: TrainCheckpoint, name: Optional[str] = None, use_ema: Opti
     return model, which
 
 
+@dataclass
+class LoadedModel:
+    """A model a command was pointed at, and what its weights are."""
+    model: nn.Module
+    weights: str  # for people: 'the EMA weights (state_dict_ema) of RUN/last.pth.tar, epoch 29', ...
+    checkpoint: Optional[TrainCheckpoint] = None  # the train.py / timm checkpoint the weights came from
+    published: bool = False  # weights that carry their preprocessing in their pretrained cfg (hub, folder, tag)
+    trained: bool = True  # False: freshly initialized (a registered name without pretrained or checkpoint)
+
+
+def open_model(
+        source: Optional[Union[str, Path]] = None,
+        checkpoint: Optional[Union[str, Path]] = None,
+        pretrained: Optional[bool] = None,
+        use_ema: Optional[bool] = None,
+        **kwargs: Any,
+) -> LoadedModel:
+    """`load_model`, also saying which weights were loaded (and from which checkpoint); arguments as there.
+
+    `source` may be left out when `checkpoint` records its architecture. An explicit choice that does not apply is
+    refused: `use_ema` without a train.py checkpoint, `pretrained=True` with one.
+    """
+    if source is None:
+        if checkpoint is None:
+            raise LoadError('no model given: expected a model name, a folder or hub repo, or a checkpoint')
+        source, checkpoint = checkpoint, None
+        kind, model_id = 'file', str(source)
+    else:
+        kind, model_id = _parse_source(source)
+    if kind == 'file' or checkpoint is not None:
+        if pretrained:
+            raise LoadError('pretrained (--pretrained) loads the published weights of a model name, and a checkpoint '
+                            'gives other weights: pass one of them')
+        if kind == 'file' and checkpoint is not None:
+            raise LoadError(f"'{source}' is itself a checkpoint: pass the model name with checkpoint=, not both files")
+        if kind not in (None, 'file'):
+            raise LoadError(f'{kind}:{model_id} brings its own weights: do not pass a checkpoint as well')
+        ckpt = read_checkpoint(model_id if kind == 'file' else checkpoint)
+        model, which = build_model(ckpt, None if kind == 'file' else model_id, use_ema=use_ema, **kwargs)
+        return LoadedModel(model, ckpt.describe(which), checkpoint=ckpt)
+    if use_ema is not None:
+        raise LoadError(f'use_ema (--use-ema / --no-ema) chooses the weights of a train.py checkpoint, and {source} '
+                        f'is not one')
+    if pretrained is None:
+        pretrained = kind is not None
+    if kind == 'local-dir':
+        _check_local_dir(model_id)
+        name = f'local-dir:{model_id}'
+    elif kind == 'hf-hub':
+        _check_hf_hub(model_id, kwargs.get('cache_dir'))
+        name = f'hf-hub:{model_id}'
+    else:
+        _check_registered_name(model_id, pretrained, kwargs)
+        name = model_id
+    model = _create(name, name, pretrained=pretrained, **kwargs)
+    if not pretrained:
+        return LoadedModel(model, f'the freshly initialized weights of {name}', trained=False)
+    check_finite(model, name)
+    return LoadedModel(model, f'the {"published" if kind else "pretrained"} weights of {name}', published=True)
+
+
 def load_model(
         source: Union[str, Path],
         checkpoint: Optional[Union[str, Path]] = None,
@@ -456,29 +567,4 @@ def load_model(
         use_ema: for train.py checkpoints: None the EMA weights when present, True require them, False plain.
         **kwargs: model kwargs (num_classes, img_size, ...), over those a checkpoint records.
     """
-    kind, model_id = _parse_source(source)
-    if kind == 'file':
-        if checkpoint is not None:
-            raise LoadError(f"'{source}' is itself a checkpoint: pass the model name with checkpoint=, not both files")
-        model, _ = build_model(read_checkpoint(model_id), use_ema=use_ema, **kwargs)
-        return model
-    if checkpoint is not None:
-        if kind is not None:
-            raise LoadError(f'{kind}:{model_id} brings its own weights: do not pass a checkpoint as well')
-        model, _ = build_model(read_checkpoint(checkpoint), model_id, use_ema=use_ema, **kwargs)
-        return model
-    if pretrained is None:
-        pretrained = kind is not None
-    if kind == 'local-dir':
-        _check_local_dir(model_id)
-        name = f'local-dir:{model_id}'
-    elif kind == 'hf-hub':
-        _check_hf_hub(model_id, kwargs.get('cache_dir'))
-        name = f'hf-hub:{model_id}'
-    else:
-        _check_registered_name(model_id, pretrained, kwargs)
-        name = model_id
-    model = _create(name, name, pretrained=pretrained, **kwargs)
-    if pretrained:
-        check_finite(model, name)
-    return model
+    return open_model(source, checkpoint=checkpoint, pretrained=pretrained, use_ema=use_ema, **kwargs).model

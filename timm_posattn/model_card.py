@@ -1,76 +1,82 @@
 """Model cards for published checkpoints: a template per model family, filled with measured numbers only.
 
 Numbers come only from the checkpoint's own ``summary.csv`` row (accuracy) and from ``publish.measure_model`` (params,
-GMACs, throughput); anything else is written as "not measured" and left out of the card's YAML metadata.
+GMACs, throughput); anything else is written as "not measured" and left out of the card's metadata. The metadata
+(front matter) is built with ``huggingface_hub.ModelCardData`` / ``EvalResult``; dataset facts come from
+`timm_posattn.dataset_info`; the positional attention layer is read off the built model.
 """
 import csv
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import yaml
 
+from .cli import UsageError
+from .dataset_info import get_dataset_info
+from .layers import get_pos_attn_layer, list_pos_attn_layers
+from .loading import TrainCheckpoint
 
+__all__ = [
+    'CARD_DIRS', 'CARD_FAMILIES', 'NOT_MEASURED', 'CardDataset', 'card_dataset', 'read_summary', 'select_result',
+    'check_result_matches_checkpoint', 'find_card_template', 'describe_architecture', 'front_matter',
+    'render_model_card',
+]
 
 # The templates live in model_cards/ at the top of the repository; the wheel ships them as timm_posattn/model_cards/.
 CARD_DIRS = (Path(__file__).resolve().parent / 'model_cards', Path(__file__).resolve().parents[1] / 'model_cards')
-_CARD_FAMILIES = ((re.compile(r'_patch\d+_32$'), 'vit_posattn_patch4_32.md'),
-                  (re.compile(r'.*'), 'vit_posattn_patch16_224.md'))
+CARD_FAMILIES = ((re.compile(r'_patch\d+_32$'), 'vit_posattn_patch4_32.md'),
+                 (re.compile(r'.*'), 'vit_posattn_patch16_224.md'))
 NOT_MEASURED = 'not measured'
 # local paths of the training machine, and values train.py sets at run time (not arguments of train.py)
 _UNPUBLISHED_ARGS = {'data_dir', 'data', 'output', 'resume', 'initial_checkpoint', 'log_wandb', 'experiment',
                      'config', 'distributed', 'world_size', 'rank', 'local_rank', 'prefetcher'}
 
-CIFAR10_LABELS = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
-CIFAR100_LABELS = tuple(
-    'apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly camel can castle '
-    'caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup dinosaur dolphin elephant '
-    'flatfish forest fox girl hamster house kangaroo keyboard lamp lawn_mower leopard lion lizard lobster man '
-    'maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid otter palm_tree pear pickup_truck pine_tree '
-    'plain plate poppy porcupine possum rabbit raccoon ray road rocket rose sea seal shark shrew skunk skyscraper '
-    'snail snake spider squirrel streetcar sunflower sweet_pepper table tank telephone television tiger tractor '
-    'train trout tulip turtle wardrobe whale willow_tree wolf woman worm'.split())
 
-# dataset key -> card facts; hub_id is the Hugging Face dataset id for the card metadata (None: not on the Hub)
-DATASETS: Dict[str, Dict[str, Any]] = {
-    'cifar10': dict(title='CIFAR-10', hub_id='cifar10', label_names=CIFAR10_LABELS),
-    'cifar100': dict(title='CIFAR-100', hub_id='cifar100', label_names=CIFAR100_LABELS),
-    'svhn': dict(title='SVHN', hub_id='svhn', label_names=tuple(str(i) for i in range(10))),
-    'imagenet': dict(title='ImageNet-1k', hub_id='imagenet-1k', label_names=None),
-    'structured': dict(title='Synthetic spatially structured dataset (timm_posattn.structured)', hub_id=None,
-                       phrase="the paper's synthetic spatially structured dataset (`timm_posattn.structured`)",
-                       label_names=('-1', '+1'), synthetic=True),
-}
-_DATASET_ALIASES = {'imagenet1k': 'imagenet', 'imagenet-1k': 'imagenet', 'in1k': 'imagenet'}
+@dataclass(frozen=True)
+class CardDataset:
+    """What a card says about the training data (from `timm_posattn.dataset_info`; unknown names kept as given)."""
+    key: Optional[str]
+    title: str
+    phrase: str  # how the card's sentences name it
+    hub_id: Optional[str] = None
+    label_names: Optional[Tuple[str, ...]] = None
+    synthetic: bool = False
 
 
-def dataset_info(name: Optional[str], num_classes: int) -> Dict[str, Any]:
-    """Card facts for train.py's ``--dataset`` (``torch/cifar10``, ``structured``, ...); unknown names kept as given."""
-    key = (name or '').split('/')[-1].lower()
-    key = _DATASET_ALIASES.get(key, key)
-    info = dict(DATASETS.get(key) or dict(title=name or 'unknown dataset', hub_id=None, label_names=None))
-    info['key'] = key or None
-    info.setdefault('phrase', info['title'])
-    if key == 'imagenet' and num_classes == 1000:
+def card_dataset(name: Optional[str], num_classes: int, tag: Optional[str] = None) -> CardDataset:
+    """Card facts for train.py's ``--dataset`` (``torch/cifar10``, ``structured``, ...), else for the published tag
+    (an ImageNet folder, ``--dataset ''``, published as ``.in1k``). Label names only when they fit the head."""
+    info = get_dataset_info(name) or get_dataset_info(tag)
+    if info is None:
+        title = name or 'unknown dataset'
+        return CardDataset(key=None, title=title, phrase=title)
+    labels = info.label_names
+    if info.key == 'imagenet' and num_classes == 1000:
         from timm.data import ImageNetInfo
-        info['label_names'] = tuple(ImageNetInfo().label_names())
-    if info['label_names'] is not None and len(info['label_names']) != num_classes:
-        info['label_names'] = None  # a subset / relabelled run: better no names than wrong names
-    return info
+        labels = tuple(ImageNetInfo().label_names())
+    if labels is not None and len(labels) != num_classes:
+        labels = None  # a subset / relabelled run: better no names than wrong names
+    return CardDataset(key=info.key, title=info.title, phrase=info.phrase or info.title, hub_id=info.hub_id,
+                       label_names=labels, synthetic=info.synthetic)
 
 
 def read_summary(path: str) -> List[Dict[str, float]]:
     """Rows of a train.py ``summary.csv`` (epoch, train_loss, eval_loss, eval_top1, eval_top5, lr) as numbers."""
-    with open(path, newline='') as f:
-        rows = list(csv.DictReader(f))
+    try:
+        with open(path, newline='') as f:
+            rows = list(csv.DictReader(f))
+    except OSError as e:
+        raise UsageError(f"could not read results file '{path}': {e.strerror or e}") from None
     if not rows or 'epoch' not in rows[0] or 'eval_top1' not in rows[0]:
-        raise ValueError(f'{path}: expected a train.py summary.csv with at least epoch and eval_top1 columns.')
-    parsed = []
-    for row in rows:
-        parsed.append({k: float(v) for k, v in row.items() if k and v not in (None, '')})
-    return parsed
+        raise UsageError(f'{path}: expected a train.py summary.csv with at least epoch and eval_top1 columns')
+    try:
+        return [{k: float(v) for k, v in row.items() if k and v not in (None, '')} for row in rows]
+    except ValueError as e:
+        raise UsageError(f'{path}: expected numbers in a train.py summary.csv ({e})') from None
 
 
 def select_result(rows: List[Dict[str, float]], epoch: Optional[int],
@@ -99,25 +105,42 @@ def select_result(rows: List[Dict[str, float]], epoch: Optional[int],
     return dict(row, selection=selection)
 
 
-def _check_result_matches_checkpoint(result: Dict[str, Any], info: Dict[str, Any], results: str) -> None:
+def check_result_matches_checkpoint(result: Dict[str, Any], checkpoint: TrainCheckpoint, results: str) -> None:
     """The checkpoint stores the metric train.py ranked it by; a summary.csv of another run will not match it."""
-    metric_name = f"eval_{info['args'].get('eval_metric', 'top1')}"
-    if info['metric'] is not None and metric_name in result and abs(result[metric_name] - info['metric']) > 1e-4:
-        raise ValueError(
-            f"{results}: {metric_name}={result[metric_name]} at epoch {info['epoch']}, but the checkpoint recorded "
-            f"{info['metric']}: this summary.csv is not from the run that wrote the checkpoint.")
+    metric_name = f"eval_{checkpoint.args.get('eval_metric', 'top1')}"
+    if checkpoint.metric is not None and metric_name in result and abs(result[metric_name] - checkpoint.metric) > 1e-4:
+        raise UsageError(
+            f'{results}: {metric_name}={result[metric_name]} at epoch {checkpoint.epoch}, but the checkpoint recorded '
+            f'{checkpoint.metric}: this summary.csv is not from the run that wrote the checkpoint')
 
 
 def find_card_template(architecture: str, override: Optional[str] = None) -> str:
     """Template text for the model family (small-image ``*_patch4_32`` or ImageNet ``*_patch16_224``)."""
     if override:
-        return Path(override).read_text(encoding='utf-8')
-    name = next(file for pattern, file in _CARD_FAMILIES if pattern.search(architecture))
+        try:
+            return Path(override).read_text(encoding='utf-8')
+        except OSError as e:
+            raise UsageError(f"could not read --card-template '{override}': {e.strerror or e}") from None
+    name = next(file for pattern, file in CARD_FAMILIES if pattern.search(architecture))
     for directory in CARD_DIRS:
         if (directory / name).is_file():
             return (directory / name).read_text(encoding='utf-8')
-    raise FileNotFoundError(f"Model card template {name} not found in {' or '.join(map(str, CARD_DIRS))}; "
-                            f"reinstall timm_posattn or pass --card-template.")
+    raise UsageError(f"model card template {name} not found in {' or '.join(map(str, CARD_DIRS))}; reinstall "
+                     f"timm_posattn or pass --card-template")
+
+
+def _pos_attn_layer(model: torch.nn.Module) -> Optional[Dict[str, str]]:
+    """Name, class and formula of the positional attention layer of the model's positional blocks (None: none)."""
+    pos_map = next((blk.attn.pos_map for blk in getattr(model, 'blocks', [])
+                    if hasattr(getattr(blk, 'attn', None), 'pos_map')), None)
+    if pos_map is None:
+        return None
+    cls = type(pos_map)
+    names = [name for name in list_pos_attn_layers() if get_pos_attn_layer(name) is cls]
+    formula = (cls.__doc__ or cls.__name__).strip().splitlines()[0].rstrip('.')
+    if isinstance(getattr(pos_map, 'norm', None), torch.nn.Identity):
+        formula += ' (here without the LayerNorm of P: pos_attn_norm=False)'
+    return dict(name=names[0] if names else cls.__name__, cls=cls.__name__, formula=formula)
 
 
 def describe_architecture(model: torch.nn.Module) -> Dict[str, Any]:
@@ -125,42 +148,45 @@ def describe_architecture(model: torch.nn.Module) -> Dict[str, Any]:
     blocks = getattr(model, 'blocks', [])
     first_attn = getattr(blocks[0], 'attn', None) if len(blocks) else None
     mlp_fc1 = getattr(getattr(blocks[0], 'mlp', None), 'fc1', None) if len(blocks) else None
-    facts = dict(
+    pos_attn = getattr(model, 'pos_attn_indices', None)
+    return dict(
         depth=len(blocks),
         embed_dim=getattr(model, 'embed_dim', None),
         num_heads=getattr(first_attn, 'num_heads', None),
         mlp_hidden=getattr(mlp_fc1, 'out_features', None),
         patch_size=tuple(getattr(model.patch_embed, 'patch_size', ())) if hasattr(model, 'patch_embed') else None,
         num_classes=model.num_classes,
+        positional_blocks=list(pos_attn) if pos_attn is not None else None,
+        pos_attn_layer=_pos_attn_layer(model),
     )
-    pos_attn = getattr(model, 'pos_attn_indices', None)
-    facts['positional_blocks'] = list(pos_attn) if pos_attn is not None else None
-    return facts
 
 
 def _fmt(value: Optional[float], digits: int = 2) -> str:
     return NOT_MEASURED if value is None else f'{value:.{digits}f}'
 
 
-def _front_matter(model_name: str, repo_id: Optional[str], dataset: Dict[str, Any], result: Optional[Dict[str, Any]],
-                  num_classes: int, card_license: str) -> str:
-    meta: Dict[str, Any] = dict(
-        library_name='timm', license=card_license, pipeline_tag='image-classification',
-        tags=['image-classification', 'timm', 'timm_posattn', 'positional-attention', 'vision-transformer'])
-    if dataset.get('synthetic'):
-        meta['tags'].append('synthetic-data')
-    if dataset.get('hub_id'):
-        meta['datasets'] = [dataset['hub_id']]
-    meta['metrics'] = ['accuracy']
+def front_matter(model_name: str, repo_id: Optional[str], dataset: CardDataset, result: Optional[Dict[str, Any]],
+                 num_classes: int, card_license: str, eval_split: str = 'validation') -> str:
+    """The card's YAML metadata (``---`` block), built with huggingface_hub's ModelCardData and EvalResult."""
+    from huggingface_hub import EvalResult, ModelCardData
+    tags = ['image-classification', 'timm', 'timm_posattn', 'positional-attention', 'vision-transformer']
+    if dataset.synthetic:
+        tags.append('synthetic-data')
+    eval_results = None
     if result is not None:
-        metrics = [dict(type='accuracy', name='Top-1 accuracy (%)', value=round(result['eval_top1'], 4))]
+        common = dict(task_type='image-classification', task_name='Image Classification',
+                      dataset_type=dataset.hub_id or dataset.key or 'unknown', dataset_name=dataset.title,
+                      dataset_split=eval_split)
+        eval_results = [EvalResult(metric_type='accuracy', metric_name='Top-1 accuracy (%)',
+                                   metric_value=round(result['eval_top1'], 4), **common)]
         if 'eval_top5' in result and num_classes > 5:
-            metrics.append(dict(type='top_5_accuracy', name='Top-5 accuracy (%)', value=round(result['eval_top5'], 4)))
-        meta['model-index'] = [dict(name=(repo_id or model_name).split('/')[-1], results=[dict(
-            task=dict(type='image-classification', name='Image Classification'),
-            dataset=dict(name=dataset['title'], type=dataset.get('hub_id') or dataset.get('key') or 'unknown'),
-            metrics=metrics)])]
-    return '---\n' + yaml.safe_dump(meta, sort_keys=False) + '---'
+            eval_results.append(EvalResult(metric_type='top_5_accuracy', metric_name='Top-5 accuracy (%)',
+                                           metric_value=round(result['eval_top5'], 4), **common))
+    data = ModelCardData(
+        library_name='timm', license=card_license, pipeline_tag='image-classification', tags=tags,
+        datasets=[dataset.hub_id] if dataset.hub_id else None, metrics=['accuracy'],
+        model_name=(repo_id or model_name).split('/')[-1] if eval_results else None, eval_results=eval_results)
+    return f'---\n{data.to_yaml()}\n---'
 
 
 def _results_table(result: Optional[Dict[str, Any]], stats: Dict[str, Any], input_size: Sequence[int],
@@ -178,7 +204,7 @@ def _results_table(result: Optional[Dict[str, Any]], stats: Dict[str, Any], inpu
     shape = 'x'.join(str(s) for s in input_size)
     if 'img_per_sec' in stats:
         speed = _fmt(stats['img_per_sec'], 1)
-        speed_how = f"{stats['bench_device']}, batch {stats['bench_batch_size']}, inference"
+        speed_how = f"the model as loaded, {stats['bench_device']}, batch {stats['bench_batch_size']}, inference"
     else:
         speed, speed_how = NOT_MEASURED, 'benchmark skipped'
     return '\n'.join([
@@ -186,9 +212,10 @@ def _results_table(result: Optional[Dict[str, Any]], stats: Dict[str, Any], inpu
         f'| Top-1 accuracy (%) | {top1} | {source} |',
         f'| Top-5 accuracy (%) | {top5} | {top5_how} |',
         f"| Params (M) | {_fmt(stats['params_m'])} | counted on the published weights |",
-        f"| GMACs | {_fmt(stats['gmacs'], 3)} | torch.utils.flop_counter at 1x{shape} (FLOPs / 2), inference |",
-        f"| GMACs, attention computed | {_fmt(stats['gmacs_uncached'], 3)} | same, positional attention not cached "
-        f"(training forward; inference computes it once, not per image) |",
+        f"| GMACs | {_fmt(stats['gmacs'], 3)} | torch.utils.flop_counter, one {shape} image (FLOPs / 2), the model "
+        f"as loaded: every forward computes the positional attention A from its parameters |",
+        f"| GMACs, reparameterized | {_fmt(stats['gmacs_reparameterized'], 3)} | same, after "
+        f"`timm.utils.reparameterize_model(model)`: A baked into buffers (inference at {shape} only) |",
         f'| Throughput (img/s) | {speed} | {speed_how} |',
     ])
 
@@ -221,38 +248,58 @@ def _training_args(args: Dict[str, Any]) -> str:
             '\n\n```yaml\n' + yaml.safe_dump(shown, sort_keys=True, default_flow_style=None) + '```')
 
 
-def render_model_card(template: str, model_name: str, config: Dict[str, Any], info: Dict[str, Any],
-                      stats: Dict[str, Any], result: Optional[Dict[str, Any]], twin: Optional[Dict[str, Any]],
-                      dataset: Dict[str, Any], architecture: Dict[str, Any], repo_id: Optional[str] = None,
-                      card_license: str = 'apache-2.0') -> str:
-    """Fill a ``model_cards/*.md`` template (``string.Template`` ``$names``) with this checkpoint's facts."""
+def _attention_texts(architecture: Dict[str, Any]) -> Dict[str, str]:
+    """The card's sentences about which blocks are positional and which positional attention layer they use."""
+    pos_blocks = architecture.get('positional_blocks')
+    layer = architecture.get('pos_attn_layer')
+    if pos_blocks is None:
+        summary = 'attention (an architecture without positional attention)'
+    elif not pos_blocks:
+        summary = ('**standard attention** in every block: the standard-attention twin (`pos_attn_layers=none`) of '
+                   'the positional-attention models')
+    elif len(pos_blocks) == architecture['depth']:
+        summary = '**positional attention** in every block'
+    else:
+        summary = f'**positional attention** in blocks {pos_blocks} and standard attention in the others'
+    if layer is None:
+        layer_sentence = 'This model has no positional-attention blocks, so it uses no positional attention layer.'
+        layer_name = 'none'
+    else:
+        layer_sentence = (f"This model's positional blocks use the `'{layer['name']}'` positional attention layer "
+                          f"(`pos_attn_layer='{layer['name']}'`, `{layer['cls']}`): `{layer['formula']}`.")
+        layer_name = f"`'{layer['name']}'` (`{layer['cls']}`)"
+    positional = (f'{len(pos_blocks)} of {architecture["depth"]} (blocks {pos_blocks})' if pos_blocks is not None
+                  else 'none (architecture without positional attention)')
+    return dict(attention_summary=summary, pos_attn_layer_sentence=layer_sentence, pos_attn_layer=layer_name,
+                positional_blocks=positional)
+
+
+def render_model_card(template: str, model_name: str, config: Dict[str, Any], checkpoint: TrainCheckpoint,
+                      weights: str, stats: Dict[str, Any], result: Optional[Dict[str, Any]],
+                      twin: Optional[Dict[str, Any]], dataset: CardDataset, architecture: Dict[str, Any],
+                      repo_id: Optional[str] = None, card_license: str = 'apache-2.0') -> str:
+    """Fill a ``model_cards/*.md`` template (``string.Template`` ``$names``) with this checkpoint's facts.
+
+    ``weights``: which weights of the checkpoint are published ('state_dict_ema' or 'state_dict').
+    """
     from string import Template
     cfg = config['pretrained_cfg']
-    args = info['args']
+    args = checkpoint.args
+    eval_split = args.get('val_split') or 'validation'
     load_name = f'hf-hub:{repo_id}' if repo_id else 'local-dir:PATH/TO/THIS/FOLDER'
     synthetic_note = ''
-    if dataset.get('synthetic'):
+    if dataset.synthetic:
         synthetic_note = ('> **Trained on synthetic data.** The training set is the spatially structured dataset of '
                           'Jelassi et al. (2022) generated by `timm_posattn.structured`, not natural images. The '
                           'weights demonstrate the paper\'s mechanism and are not useful as an image classifier.\n')
-    weights = 'the EMA weights' if info['weights'] == 'state_dict_ema' else 'the (non-EMA) model weights'
     pos_blocks = architecture.get('positional_blocks')
-    if pos_blocks is None:
-        attention_summary = 'attention (an architecture without positional attention)'
-    elif not pos_blocks:
-        attention_summary = ('**standard attention** in every block: the standard-attention twin '
-                             '(`pos_attn_layers=none`) of the positional-attention models')
-    elif len(pos_blocks) == architecture['depth']:
-        attention_summary = '**positional attention** in every block'
-    else:
-        attention_summary = f'**positional attention** in blocks {pos_blocks} and standard attention in the others'
     values = dict(
-        front_matter=_front_matter(model_name, repo_id, dataset, result, config['num_classes'], card_license),
+        front_matter=front_matter(model_name, repo_id, dataset, result, config['num_classes'], card_license,
+                                  eval_split),
         model_name=model_name,
         architecture=config['architecture'],
-        dataset=dataset['phrase'],
+        dataset=dataset.phrase,
         synthetic_note=synthetic_note,
-        attention_summary=attention_summary,
         load_name=load_name,
         num_classes=config['num_classes'],
         input_size='x'.join(str(s) for s in cfg['input_size']),
@@ -261,14 +308,13 @@ def render_model_card(template: str, model_name: str, config: Dict[str, Any], in
         depth=architecture.get('depth'), embed_dim=architecture.get('embed_dim'),
         num_heads=architecture.get('num_heads'), mlp_hidden=architecture.get('mlp_hidden'),
         patch_size='x'.join(str(p) for p in architecture.get('patch_size') or ()) or NOT_MEASURED,
-        positional_blocks=(f'{len(pos_blocks)} of {architecture["depth"]} (blocks {pos_blocks})'
-                           if pos_blocks is not None else 'none (architecture without positional attention)'),
         model_args=json.dumps(config.get('model_args', {}), sort_keys=True),
-        checkpoint=info['checkpoint'], epoch=info['epoch'] if info['epoch'] is not None else NOT_MEASURED,
-        weights=weights,
+        checkpoint=Path(checkpoint.path).name,
+        epoch=checkpoint.epoch if checkpoint.epoch is not None else NOT_MEASURED,
+        weights='the EMA weights' if weights == 'state_dict_ema' else 'the (non-EMA) model weights',
         training_args=_training_args(args),
-        results_table=_results_table(result, stats, cfg['input_size'], args.get('val_split', 'validation'),
-                                     config['num_classes']),
+        results_table=_results_table(result, stats, cfg['input_size'], eval_split, config['num_classes']),
         comparison=_comparison(result, twin, config['num_classes'], standard=pos_blocks is not None and not pos_blocks),
+        **_attention_texts(architecture),
     )
     return Template(template).substitute(values)

@@ -61,6 +61,10 @@ class OutputFolder:
             ancestor = ancestor.parent
         if not ancestor.is_dir():
             raise UsageError(f"output folder '{self.path}' cannot be created: '{ancestor}' is a file")
+        folders = [name for name in self.owned if (self.path / name).is_dir()]
+        if folders:
+            raise OutputExistsError(f"'{self.path / folders[0]}' is a folder: expected a file name for the output of "
+                                    f"{self.command}")
         existing = self.existing()
         if existing and not self.overwrite:
             shown = ', '.join(existing[:5]) + (f' and {len(existing) - 5} more' if len(existing) > 5 else '')
