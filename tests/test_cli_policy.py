@@ -1,5 +1,5 @@
 """The error policy of train.py and `python -m timm_posattn.paper`: a value the user can fix is refused with one
-line on stderr and exit code 2, before anything is built; an explicit value is used, never replaced.
+line on stderr and exit code 2, before anything is built where it can be; an explicit value is used, never replaced.
 
 Most cases run the commands' entry points in-process (`train.run`, `paper.run`: what `__main__` calls), with model
 building made to fail loudly so that a check that comes too late shows up; a few run the real command lines in

@@ -184,7 +184,7 @@ class StructuredImageDataset(Dataset):
             target_transform: Optional[Callable] = None,
             config: Optional[StructuredConfig] = None,
     ):
-        info = get_dataset_info('structured')
+        info = get_dataset_info('structured')  # the table holds the accepted split names
         if info.split(split) is None:
             raise ValueError(f"expected split in {', '.join(info.splits)}, got {split!r}")
         split = info.split(split)
