@@ -116,7 +116,7 @@ def test_train_bad_values_are_one_line_before_any_model(argv, expected, tmp_path
     (tmp_path / 'file').write_text('not a folder')
     argv = [a.replace('{tmp}', str(tmp_path)) for a in argv]
     expected = expected.replace('{tmp}', str(tmp_path))
-    code, out, err = call(train.run, ['--output', tmp_path / 'out', *argv], capsys)
+    code, out, err = call(train.run, ['--output', tmp_path / 'out', '--train-num-samples', '64', *argv], capsys)
     assert_one_line_error(code, err, expected)
     assert not (tmp_path / 'out').exists()
 
