@@ -381,6 +381,25 @@ def test_interrupted_checkpoint_write_keeps_the_good_file(tmp_path, monkeypatch)
         assert ckpt['epoch'] == 0 and ckpt['args'] == {'model': 'linear', 'model_kwargs': {'depth': 1}}
 
 
+def test_amp_scaler_state_round_trips_through_the_checkpoint(tmp_path):
+    """The saver stores the AMP loss scaler (make_checkpoint's extra state) and --resume's restore brings it back."""
+    import argparse
+    from timm import utils
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = utils.NativeScaler(device='cpu')
+    scaler(model(torch.randn(3, 4)).sum(), optimizer)  # one step: its growth tracker is no longer a fresh scaler's
+    args = argparse.Namespace(model='linear', model_kwargs={})
+    saver = train.AtomicCheckpointSaver(model=model, optimizer=optimizer, args=args, amp_scaler=scaler,
+                                        checkpoint_dir=str(tmp_path), recovery_dir=str(tmp_path))
+    saver.save_checkpoint(0, metric=1.0)
+    ckpt = read_checkpoint(tmp_path / 'last.pth.tar')
+    restored = utils.NativeScaler(device='cpu')
+    epoch = train.restore_training_state(ckpt, torch.nn.Linear(4, 2), torch.optim.SGD(model.parameters(), lr=0.1),
+                                         loss_scaler=restored)
+    assert epoch == 1 and restored.state_dict() == scaler.state_dict()
+
+
 def test_structured_demo_defaults_apply_only_to_the_demo_run():
     """No --model on structured: the measured demo recipe (1 block, avg pool, 30 epochs, lr-base 3e-3); user values
     win."""
