@@ -16,7 +16,6 @@ See docs/convert.md for the method and measured figures.
 """
 import json
 import logging
-import math
 import os
 import time
 from contextlib import contextmanager
@@ -25,18 +24,19 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import timm
+from torch.utils.data import Subset
 from timm.data import create_loader, resolve_data_config
 from timm.layers import Attention, Mlp
 from timm.models import VisionTransformer, get_pretrained_cfg
+from timm.models.vision_transformer import Block
 from timm.utils import AttentionExtract
 
 from .cli import ArgumentParser, UsageError, float_range, int_range, run_command
 from .layers import LogitsAttentionMap, PositionalBlock, list_pos_attn_layers
 from .loading import check_finite, load_model, make_checkpoint, read_checkpoint
 from .outputs import OutputFolder
-from .vit_posattn import VisionTransformerPosAttn, checkpoint_filter_fn, resolve_pos_attn_layers
+from .vit_posattn import StandardBlock, VisionTransformerPosAttn, checkpoint_filter_fn, resolve_pos_attn_layers
 
 __all__ = [
     'ConvertError', 'ConversionReport', 'convert_vit', 'twin_kwargs', 'record_average_attention', 'fit_attention',
@@ -91,6 +91,8 @@ def twin_kwargs(source: nn.Module) -> Dict[str, Any]:
         differs.append('a pre-norm after the embedding (pre_norm=True)')
     if not isinstance(getattr(source.patch_embed, 'norm', nn.Identity()), nn.Identity):
         differs.append('a norm in the patch embedding')
+    if not all(type(b) in (Block, StandardBlock) for b in source.blocks):
+        differs.append(f'{type(blk).__name__} blocks (expected the pre-norm timm Block)')
     if type(attn) is not Attention:
         differs.append(f'{type(attn).__name__} attention (expected timm.layers.Attention)')
     else:
@@ -557,9 +559,14 @@ def attention_comparison_figure(
 
 
 def checkpoint_args(report: ConversionReport, data_config: Dict[str, Any], **extra: Any) -> Dict[str, Any]:
-    """The `args` of the converted checkpoint: what `loading`, validate.py and train.py read back."""
-    args = dict(model=report.arch, model_kwargs=report.model_kwargs,
-                num_classes=report.model_kwargs['num_classes'], converted_from=report.source)
+    """The `args` of the converted checkpoint: what `loading`, validate.py and train.py read back.
+
+    As train.py records them: the classes and channels as their own arguments (train.py and validate.py pass them to
+    `create_model` separately), every other kwarg in `model_kwargs`.
+    """
+    model_kwargs = {k: v for k, v in report.model_kwargs.items() if k not in ('num_classes', 'in_chans')}
+    args = dict(model=report.arch, model_kwargs=model_kwargs, num_classes=report.model_kwargs['num_classes'],
+                in_chans=report.model_kwargs['in_chans'], converted_from=report.source)
     args.update({k: data_config[k] for k in ('mean', 'std', 'crop_pct', 'interpolation', 'crop_mode')
                  if k in data_config})
     args.update(extra)
@@ -647,6 +654,18 @@ def _device(name: Optional[str]) -> torch.device:
     return device
 
 
+class _Subset(Subset):
+    """A subset that passes on the transform timm's `create_loader` sets, to the dataset it draws from."""
+
+    @property
+    def transform(self) -> Any:
+        return self.dataset.transform
+
+    @transform.setter
+    def transform(self, value: Any) -> None:
+        self.dataset.transform = value
+
+
 def _calibration_batches(loader: Iterable, num_images: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
     """The loader's batches, cut at `num_images` (for datasets without a length)."""
     left = num_images
@@ -659,7 +678,6 @@ def _calibration_batches(loader: Iterable, num_images: int) -> Iterator[Tuple[to
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Run the command; returns the report (as in report.json)."""
-    from torch.utils.data import Subset
     from .data import create_dataset, is_structured
 
     args = _parser().parse_args(argv)
@@ -679,7 +697,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                              num_samples=args.num_images if structured else None)
     if hasattr(dataset, '__len__') and len(dataset) > args.num_images:
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))
-        dataset = Subset(dataset, order[:args.num_images].tolist())
+        dataset = _Subset(dataset, order[:args.num_images].tolist())
     loader = create_loader(
         dataset, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=False,
         use_prefetcher=False, interpolation=data_config['interpolation'], mean=data_config['mean'],
