@@ -11,7 +11,7 @@ import timm
 import timm_posattn  # noqa: F401  registers vit_posattn_*
 from timm_posattn import convert
 from timm_posattn.convert import (
-    ConvertError, attention_distance, convert_vit, fit_attention, record_average_attention, twin_kwargs)
+    ConvertError, attention_distance, attention_kl, convert_vit, fit_attention, record_average_attention, twin_kwargs)
 from timm_posattn.dataset_info import STRUCTURED_MEAN, STRUCTURED_STD
 from timm_posattn.loading import load_model, make_checkpoint
 from timm_posattn.outputs import OutputFolder
@@ -30,8 +30,8 @@ def _images(n, seed=0):
     return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
-def _manual_attention(model, images):
-    """Each block's softmax(q·kᵀ·scale) computed by hand from the block's input, averaged over the images."""
+def _manual_attention(model, images, mean=True):
+    """Each block's softmax(q·kᵀ·scale) computed by hand from the block's input: (blocks, [images,] H, N, N)."""
     inputs = []
     hooks = [blk.norm1.register_forward_hook(lambda m, i, o: inputs.append(o)) for blk in model.blocks]
     with torch.no_grad():
@@ -42,7 +42,8 @@ def _manual_attention(model, images):
     for blk, x in zip(model.blocks, inputs):
         B, N, C = x.shape
         q, k, _ = blk.attn.qkv(x).reshape(B, N, 3, blk.attn.num_heads, -1).permute(2, 0, 3, 1, 4)
-        maps.append(((q * blk.attn.scale) @ k.transpose(-2, -1)).softmax(-1).mean(0))
+        attn = ((q * blk.attn.scale) @ k.transpose(-2, -1)).softmax(-1)
+        maps.append(attn.mean(0) if mean else attn)
     return torch.stack(maps)
 
 
@@ -58,11 +59,16 @@ def test_recorded_average_is_the_source_attention(one_thread):
         source.blocks[1].attn.qkv.bias[:2 * C].zero_()
     assert all(blk.attn.fused_attn for blk in source.blocks)
     images = _images(7)
-    average, count = record_average_attention(source, [images[:5], images[5:]])
+    average, count, image_kl = record_average_attention(source, [images[:5], images[5:]])
     assert count == 7 and average.shape == (2, 3, 65, 65)
-    torch.testing.assert_close(average, _manual_attention(source, images), atol=1e-6, rtol=1e-5)
+    per_image = _manual_attention(source, images, mean=False)
+    torch.testing.assert_close(average, per_image.mean(1), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(average[1], torch.full_like(average[1], 1 / 65))
     assert average[0].max() > 2 / 65  # block 0 is not uniform: the comparison above has something to compare
+    # the image-dependent part: the mean over images of KL(A(x) || average), 0 for the image-independent block 1
+    expected_kl = torch.stack([attention_kl(per_image[:, i], average.log()) for i in range(7)]).mean(0)
+    torch.testing.assert_close(image_kl, expected_kl, atol=1e-6, rtol=1e-4)
+    assert image_kl[0] > 0.01 and image_kl[1] < 1e-7
     assert all(blk.attn.fused_attn for blk in source.blocks)
     assert not any(m._forward_hooks for m in source.modules())
 

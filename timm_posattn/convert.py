@@ -16,11 +16,12 @@ See docs/convert.md for the method and measured figures.
 """
 import json
 import logging
+import math
 import os
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -39,9 +40,9 @@ from .outputs import OutputFolder
 from .vit_posattn import StandardBlock, VisionTransformerPosAttn, checkpoint_filter_fn, resolve_pos_attn_layers
 
 __all__ = [
-    'ConvertError', 'ConversionReport', 'convert_vit', 'twin_kwargs', 'record_average_attention', 'fit_attention',
-    'attention_kl', 'attention_distance', 'attention_comparison_figure', 'checkpoint_args', 'write_conversion',
-    'main', 'run',
+    'ConvertError', 'ConversionReport', 'SourceAttention', 'convert_vit', 'twin_kwargs', 'record_average_attention',
+    'fit_attention', 'attention_kl', 'attention_distance', 'attention_comparison_figure', 'checkpoint_args',
+    'write_conversion', 'main', 'run',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -138,7 +139,8 @@ def _compact(value: Any) -> Any:
 
 
 def _twin_arch(kwargs: Dict[str, Any]) -> str:
-    """The registered vit_posattn_* architecture of the source's input size closest in shape to it.
+    """The registered vit_posattn_* architecture of the source's input size closest in shape to it (most equal shape
+    kwargs, then the nearest width).
 
     The checkpoint records every shape kwarg, so the name only has to build; the closest one misleads least.
     """
@@ -152,7 +154,8 @@ def _twin_arch(kwargs: Dict[str, Any]) -> str:
         own = dict(patch_size=_compact(tuple(model.patch_embed.patch_size)), embed_dim=model.embed_dim,
                    depth=len(model.blocks), num_heads=model.blocks[0].attn.pos_map.num_heads,
                    mlp_ratio=_compact(model.blocks[0].mlp.fc1.out_features / model.embed_dim))
-        scores[name] = sum(own[k] == kwargs[k] for k in shape)
+        width_ratio = abs(math.log(own['embed_dim'] / kwargs['embed_dim']))
+        scores[name] = (sum(own[k] == kwargs[k] for k in shape), -width_ratio)
     return max(scores, key=scores.get) if scores else 'vit_posattn_base_patch16_224'
 
 
@@ -208,32 +211,48 @@ def _unfused_attention(model: nn.Module) -> Iterator[None]:
             m.fused_attn = True
 
 
-def record_average_attention(source: nn.Module, images: Iterable[torch.Tensor]) -> Tuple[torch.Tensor, int]:
-    """The source's attention of every block and head averaged over images: ((blocks, H, N, N) float32, #images).
+class SourceAttention(NamedTuple):
+    """The source's attention over the calibration images."""
+    average: torch.Tensor  # (blocks, H, N, N) float32: the mean over images
+    count: int  # images
+    image_kl: torch.Tensor  # (blocks,): mean over images, heads and rows of KL(A(x) || average)
+
+
+def record_average_attention(source: nn.Module, images: Iterable[torch.Tensor]) -> SourceAttention:
+    """The source's attention of every block and head averaged over images, and how much it varies from image to image.
 
     Read with timm's `AttentionExtract` (an FX graph of the source that also returns each block's softmax), traced
     with fused attention off; the source itself is not changed (it is left in eval mode). Images are moved to the
-    source's device; the sum is kept in float64.
+    source's device; sums are kept in float64.
+
+    `image_kl` is the part of the source's attention no positional attention can fit: for any fixed attention B,
+    mean_x KL(A(x) || B) = mean_x KL(A(x) || average) + KL(average || B). It comes from the same pass, as
+    mean_x sum_j A log A - sum_j average log average.
     """
     names = [f'blocks.{i}.attn.softmax' for i in range(len(source.blocks))]
     with _unfused_attention(source):
         extractor = AttentionExtract(source, names=names, method='fx')
     device = next(source.parameters()).device
-    total, count = None, 0
+    total = neg_entropy = None
+    count = 0
     with torch.no_grad():
         for x in images:
             maps = extractor(x.to(device))
-            batch_sum = torch.stack([maps[name].sum(0, dtype=torch.float64) for name in names])
+            attn = [maps[name].double() for name in names]
+            batch_sum = torch.stack([a.sum(0) for a in attn])
+            batch_neg_entropy = torch.stack([torch.xlogy(a, a).sum((0, -1)) for a in attn])
             total = batch_sum if total is None else total + batch_sum
+            neg_entropy = batch_neg_entropy if neg_entropy is None else neg_entropy + batch_neg_entropy
             count += x.shape[0]
     if not count:
         raise ConvertError('no calibration images: give at least one image (more than the held-out ones)')
-    average = (total / count).float()
+    average = total / count
     if not torch.isfinite(average).all():
         bad = sorted({int(b) for b in torch.nonzero(~torch.isfinite(average))[:, 0]})
         raise ConvertError(f'the source attention is not finite in blocks {bad}: check the images (normalized for '
                            f'the source?) and the source weights')
-    return average, count
+    image_kl = (neg_entropy / count - torch.xlogy(average, average).sum(-1)).mean((-2, -1))
+    return SourceAttention(average.float(), count, image_kl.float().cpu())
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -333,7 +352,7 @@ class ConversionReport:
     fit: Dict[str, Any]  # layer, steps, lr, the parameters that moved
     num_calibration_images: int  # averaged over
     num_holdout_images: int  # kept out of the average, for agreement / top-1
-    blocks: List[Dict[str, Any]]  # per positional block: KL before/after, attention distances
+    blocks: List[Dict[str, Any]]  # per positional block: KL to the average before/after, its image part, distances
     agreement: Optional[Dict[str, float]]  # % of held-out images where argmax equals the source's
     top1: Optional[Dict[str, float]]  # % correct on the held-out images (when the batches bring labels)
     seconds: float
@@ -403,6 +422,10 @@ class _HeldOut:
             return torch.cat([model(x.to(device)).argmax(-1).cpu() for x in self.images])
 
 
+def _kl(value: torch.Tensor) -> float:
+    return round(max(float(value), 0.0), 6)  # >= 0; float rounding can give -1e-9 for an exact fit
+
+
 def _percent(hits: torch.Tensor) -> float:
     return round(100.0 * float(hits.float().mean()), 3)
 
@@ -414,6 +437,21 @@ def _source_data_config(source: nn.Module, recorded: Optional[Dict[str, Any]] = 
                                  model=source)
     config['input_size'] = (source.patch_embed.proj.in_channels, *source.patch_embed.img_size)
     return config
+
+
+def _block_report(model: VisionTransformerPosAttn, target: torch.Tensor, kl_before: torch.Tensor,
+                  kl_after: torch.Tensor, kl_image: torch.Tensor) -> List[Dict[str, Any]]:
+    """Per positional block: KL to the source average before and after the fit, the image-dependent KL no
+    positional attention can remove, and the attention distances of the source average and of the fitted attention."""
+    grid_size, prefix = tuple(model.patch_embed.grid_size), model.num_prefix_tokens
+    distance_source = attention_distance(target, grid_size, prefix).cpu()
+    distance_fitted = attention_distance(model.get_attention_maps().float(), grid_size, prefix).cpu()
+    return [dict(block=b, kl_before=_kl(kl_before[i]), kl_after=_kl(kl_after[i]), kl_image=_kl(kl_image[i]),
+                 distance_source=round(float(distance_source[i].mean()), 4),
+                 distance_fitted=round(float(distance_fitted[i].mean()), 4),
+                 distance_source_heads=[round(float(d), 4) for d in distance_source[i]],
+                 distance_fitted_heads=[round(float(d), 4) for d in distance_fitted[i]])
+            for i, b in enumerate(model.pos_attn_indices)]
 
 
 def convert_vit(
@@ -471,8 +509,8 @@ def convert_vit(
         model = _build_positional_twin(source, arch, model_kwargs)
 
     held_out = _HeldOut(holdout)
-    average, count = record_average_attention(source, held_out.split(_batches(images, batch_size)))
-    target = average[model.pos_attn_indices]
+    recorded = record_average_attention(source, held_out.split(_batches(images, batch_size)))
+    target = recorded.average[model.pos_attn_indices]
     measure = held_out.count and model.num_classes  # a headless source has no prediction to agree with
     if measure:
         source_pred, copy_pred = held_out.predict(source), held_out.predict(model)
@@ -480,16 +518,7 @@ def convert_vit(
     kl_before, kl_after = fit_attention(model, target, steps=fit_steps, lr=fit_lr)
     check_finite(model, f'the model converted from {name}')
 
-    grid_size, prefix = tuple(model.patch_embed.grid_size), model.num_prefix_tokens
-    distance_source = attention_distance(target, grid_size, prefix).cpu()
-    distance_fitted = attention_distance(model.get_attention_maps().float(), grid_size, prefix).cpu()
-    blocks = [dict(block=b, kl_before=round(float(kl_before[i]), 6), kl_after=round(float(kl_after[i]), 6),
-                   distance_source=round(float(distance_source[i].mean()), 4),
-                   distance_fitted=round(float(distance_fitted[i].mean()), 4),
-                   distance_source_heads=[round(float(d), 4) for d in distance_source[i]],
-                   distance_fitted_heads=[round(float(d), 4) for d in distance_fitted[i]])
-              for i, b in enumerate(model.pos_attn_indices)]
-
+    blocks = _block_report(model, target, kl_before, kl_after, recorded.image_kl[model.pos_attn_indices])
     agreement = top1 = None
     if measure:
         fitted_pred = held_out.predict(model)
@@ -503,7 +532,7 @@ def convert_vit(
     fit = dict(pos_attn_layer=pos_attn_layer, steps=fit_steps, lr=fit_lr, moved=moved, fixed=['pos_embed'],
                closed_form=isinstance(maps[0], LogitsAttentionMap))
     report = ConversionReport(
-        source=name, arch=arch, model_kwargs=model_kwargs, fit=fit, num_calibration_images=count,
+        source=name, arch=arch, model_kwargs=model_kwargs, fit=fit, num_calibration_images=recorded.count,
         num_holdout_images=held_out.count, blocks=blocks, agreement=agreement, top1=top1,
         seconds=round(time.time() - start, 2), source_attention=target.cpu())
     return model, report
@@ -716,8 +745,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     print(f'{report.source} -> {report.arch} ({args.pos_attn_layer}), {report.num_calibration_images} calibration '
           f'images, {report.num_holdout_images} held out, {report.seconds:.1f} s')
     for b in report.blocks:
-        print(f"  block {b['block']:2d}: KL {b['kl_before']:.4f} -> {b['kl_after']:.4f}   attention distance "
-              f"source {b['distance_source']:.2f} fitted {b['distance_fitted']:.2f} patches")
+        print(f"  block {b['block']:2d}: KL to the source average {b['kl_before']:.4f} -> {b['kl_after']:.4f} "
+              f"(image-dependent part, out of reach: {b['kl_image']:.4f}); attention distance source "
+              f"{b['distance_source']:.2f}, fitted {b['distance_fitted']:.2f} patches")
     if report.agreement:
         print(f"  agreement with the source (held out): copy-only {report.agreement['copy_only']:.1f}%, "
               f"fitted {report.agreement['fitted']:.1f}%")
