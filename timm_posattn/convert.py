@@ -14,6 +14,7 @@ The command writes `converted.pth.tar` (the train.py checkpoint format: it loads
 validate.py, visualize and publish), `report.json` and `attention.png` (source average vs fitted attention).
 See docs/convert.md for the method and measured figures.
 """
+import argparse
 import json
 import logging
 import math
@@ -623,7 +624,6 @@ def write_conversion(folder: OutputFolder, model: VisionTransformerPosAttn, repo
 
 
 def _pos_attn_layers(text: str) -> Union[str, int, List[int]]:
-    import argparse
     if text == 'all':
         return text
     try:
@@ -756,14 +756,25 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
               f"fitted {report.top1['fitted']:.1f}%")
     for path in paths:
         print(f'wrote {path}')
+    print(f'train from it: python train.py {_train_flags(ckpt_args)} --initial-checkpoint {paths[0]}')
     return report.to_dict()
+
+
+def _train_flags(args: Dict[str, Any]) -> str:
+    """The train.py flags that build the converted model (train.py reads no model kwargs from --initial-checkpoint)."""
+    kwargs = ' '.join(f'{k}={str(v).replace(" ", "")}' for k, v in args['model_kwargs'].items()
+                      if k != 'pretrained_cfg_overlay')
+    flags = f"--model {args['model']} --num-classes {args['num_classes']} --model-kwargs {kwargs}"
+    if 'mean' in args and 'std' in args:
+        flags += f" --mean {' '.join(map(str, args['mean']))} --std {' '.join(map(str, args['std']))}"
+    return flags
 
 
 def run(argv: Optional[Sequence[str]] = None) -> int:
     """The command under the package's error policy: a user error is one line and exit code 2."""
     from .data import DatasetError
     return run_command(lambda: main(argv), argv, user_errors=(DatasetError,),
-                       on_interrupt=lambda: 'no output written (files are written, each complete, at the end)')
+                       on_interrupt=lambda: 'the output files are written at the end, each one complete or not at all')
 
 
 if __name__ == '__main__':
