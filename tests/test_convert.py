@@ -13,7 +13,7 @@ from timm_posattn import convert
 from timm_posattn.convert import (
     ConvertError, attention_distance, attention_kl, convert_vit, fit_attention, record_average_attention, twin_kwargs)
 from timm_posattn.dataset_info import STRUCTURED_MEAN, STRUCTURED_STD
-from timm_posattn.loading import load_model, make_checkpoint
+from timm_posattn.loading import load_model, make_checkpoint, read_checkpoint
 from timm_posattn.outputs import OutputFolder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -157,14 +157,15 @@ def test_written_checkpoint_loads_with_the_same_logits(tmp_path, one_thread):
     path, source = _standard_checkpoint(tmp_path)
     model, report = convert_vit(str(path), _images(6), pos_attn_layer='tied', fit_steps=10)
     folder = OutputFolder(tmp_path / 'out', (convert.CHECKPOINT_NAME, convert.REPORT_NAME, convert.PLOT_NAME))
-    data_config = dict(mean=STRUCTURED_MEAN, std=STRUCTURED_STD, crop_pct=1.0)
-    convert.write_conversion(folder, model, report, convert.checkpoint_args(report, data_config))
+    convert.write_conversion(folder, model, report, convert.checkpoint_args(report))
     loaded = load_model(str(tmp_path / 'out' / convert.CHECKPOINT_NAME)).eval()
     assert type(loaded.blocks[0].attn.pos_map).__name__ == 'TiedAttentionMap'
     images = _images(3, seed=1)
     with torch.no_grad():
         torch.testing.assert_close(loaded(images), model(images), atol=0, rtol=0)
-    assert tuple(loaded.pretrained_cfg['mean']) == tuple(source.pretrained_cfg['mean'])  # from the source's cfg
+    # the normalization the source checkpoint recorded: on the model, and in the checkpoint's args as train.py's
+    assert model.pretrained_cfg['mean'] == pytest.approx(STRUCTURED_MEAN)
+    assert read_checkpoint(tmp_path / 'out' / convert.CHECKPOINT_NAME).args['std'] == pytest.approx(STRUCTURED_STD)
 
 
 def test_command_writes_checkpoint_report_and_plot(tmp_path, one_thread, capsys):
@@ -180,7 +181,9 @@ def test_command_writes_checkpoint_report_and_plot(tmp_path, one_thread, capsys)
     assert (report['num_calibration_images'], report['num_holdout_images']) == (16, 4)
     assert set(report['top1']) == {'source', 'copy_only', 'fitted'}  # structured brings labels
     loaded = load_model(str(out / 'converted.pth.tar'))
-    assert tuple(loaded.pretrained_cfg['mean']) == pytest.approx(STRUCTURED_MEAN)  # the source's normalization
+    args = read_checkpoint(out / 'converted.pth.tar').args  # the source checkpoint's normalization and data
+    assert (args['mean'], args['std'], args['dataset'], args['data_seed']) == (
+        pytest.approx(STRUCTURED_MEAN), pytest.approx(STRUCTURED_STD), 'structured', 0)
     distances = attention_distance(loaded.get_attention_maps(), (8, 8)).mean(-1)
     assert distances.tolist() == pytest.approx([b['distance_fitted'] for b in report['blocks']], abs=1e-4)
 

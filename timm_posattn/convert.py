@@ -41,9 +41,9 @@ from .outputs import OutputFolder
 from .vit_posattn import StandardBlock, VisionTransformerPosAttn, checkpoint_filter_fn, resolve_pos_attn_layers
 
 __all__ = [
-    'ConvertError', 'ConversionReport', 'SourceAttention', 'convert_vit', 'twin_kwargs', 'record_average_attention',
-    'fit_attention', 'attention_kl', 'attention_distance', 'attention_comparison_figure', 'checkpoint_args',
-    'write_conversion', 'main', 'run',
+    'ConvertError', 'ConversionReport', 'SourceAttention', 'convert_vit', 'load_source', 'twin_kwargs',
+    'record_average_attention', 'fit_attention', 'attention_kl', 'attention_distance', 'attention_comparison_figure',
+    'checkpoint_args', 'write_conversion', 'main', 'run',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -350,6 +350,7 @@ class ConversionReport:
     source: str
     arch: str  # the positional model: timm.create_model(arch, **model_kwargs)
     model_kwargs: Dict[str, Any]
+    data_config: Dict[str, Any]  # how the source's images are prepared (the converted model's too)
     fit: Dict[str, Any]  # layer, steps, lr, the parameters that moved
     num_calibration_images: int  # averaged over
     num_holdout_images: int  # kept out of the average, for agreement / top-1
@@ -440,6 +441,16 @@ def _source_data_config(source: nn.Module, recorded: Optional[Dict[str, Any]] = 
     return config
 
 
+def load_source(source: Union[str, os.PathLike], pretrained: Optional[bool] = None
+                ) -> Tuple[nn.Module, Dict[str, Any], Dict[str, Any]]:
+    """The source model (eval mode) through `loading.load_model`, how its images are prepared, and the train.py
+    arguments its checkpoint recorded (empty for names, hub repos and folders). Refuses a source it cannot mirror."""
+    recorded = read_checkpoint(source).args if os.path.isfile(source) else {}
+    model = load_model(source, pretrained=pretrained).eval()
+    twin_kwargs(model)
+    return model, _source_data_config(model, recorded), recorded
+
+
 def _block_report(model: VisionTransformerPosAttn, target: torch.Tensor, kl_before: torch.Tensor,
                   kl_after: torch.Tensor, kl_image: torch.Tensor) -> List[Dict[str, Any]]:
     """Per positional block: KL to the source average before and after the fit, the image-dependent KL no
@@ -482,7 +493,9 @@ def convert_vit(
         holdout: fraction of the images (every 1/holdout-th) kept out of the average to measure agreement on.
         batch_size: batch size when `images` is one tensor.
         pretrained: for a registered name, load its published weights.
-        data_config: the source's data config (recorded in the model's pretrained cfg); default: the source's cfg.
+        data_config: how the source's images are prepared (the converted model's pretrained cfg, and the
+            checkpoint's mean/std/...); default: the source's pretrained cfg, under what its train.py checkpoint
+            recorded.
         seed: seed of the fresh positional attention the fit starts from.
 
     Returns the converted model (eval mode, on the source's device) and a `ConversionReport`. The fit moves the
@@ -494,20 +507,22 @@ def convert_vit(
     if not 0 <= holdout < 1:
         raise ConvertError(f'holdout={holdout}: expected a fraction in [0, 1)')
     if isinstance(source, (str, os.PathLike)):
-        source = load_model(source, pretrained=pretrained)
+        source, source_config, _ = load_source(source, pretrained)
+        data_config = data_config or source_config
     kwargs = twin_kwargs(source)
     try:
         resolve_pos_attn_layers(pos_attn_layers, kwargs['depth'])
     except ValueError as e:
         raise ConvertError(str(e)) from None
     source.eval()
-    data_config = dict(data_config or _source_data_config(source))
+    data_config = {k: v for k, v in (data_config or _source_data_config(source)).items() if k in DATA_CONFIG_KEYS}
     arch = _twin_arch(kwargs)
-    model_kwargs = dict(kwargs, pos_attn_layers=pos_attn_layers, pos_attn_layer=pos_attn_layer,
-                        pretrained_cfg_overlay={k: data_config[k] for k in DATA_CONFIG_KEYS if k in data_config})
+    model_kwargs = dict(kwargs, pos_attn_layers=pos_attn_layers, pos_attn_layer=pos_attn_layer)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = _build_positional_twin(source, arch, model_kwargs)
+    # in memory, the model prepares images like its source (a checkpoint records them as train.py does: in args)
+    model.pretrained_cfg = model.default_cfg = {**model.pretrained_cfg, **data_config}
 
     held_out = _HeldOut(holdout)
     recorded = record_average_attention(source, held_out.split(_batches(images, batch_size)))
@@ -533,9 +548,9 @@ def convert_vit(
     fit = dict(pos_attn_layer=pos_attn_layer, steps=fit_steps, lr=fit_lr, moved=moved, fixed=['pos_embed'],
                closed_form=isinstance(maps[0], LogitsAttentionMap))
     report = ConversionReport(
-        source=name, arch=arch, model_kwargs=model_kwargs, fit=fit, num_calibration_images=recorded.count,
-        num_holdout_images=held_out.count, blocks=blocks, agreement=agreement, top1=top1,
-        seconds=round(time.time() - start, 2), source_attention=target.cpu())
+        source=name, arch=arch, model_kwargs=model_kwargs, data_config=data_config, fit=fit,
+        num_calibration_images=recorded.count, num_holdout_images=held_out.count, blocks=blocks,
+        agreement=agreement, top1=top1, seconds=round(time.time() - start, 2), source_attention=target.cpu())
     return model, report
 
 
@@ -588,17 +603,17 @@ def attention_comparison_figure(
     return fig
 
 
-def checkpoint_args(report: ConversionReport, data_config: Dict[str, Any], **extra: Any) -> Dict[str, Any]:
+def checkpoint_args(report: ConversionReport, **extra: Any) -> Dict[str, Any]:
     """The `args` of the converted checkpoint: what `loading`, validate.py and train.py read back.
 
     As train.py records them: the classes and channels as their own arguments (train.py and validate.py pass them to
-    `create_model` separately), every other kwarg in `model_kwargs`.
+    `create_model` separately), every other kwarg in `model_kwargs`, and the source's `mean`, `std`, `crop_pct`,
+    `interpolation` and `crop_mode` (the input size is the model's).
     """
     model_kwargs = {k: v for k, v in report.model_kwargs.items() if k not in ('num_classes', 'in_chans')}
     args = dict(model=report.arch, model_kwargs=model_kwargs, num_classes=report.model_kwargs['num_classes'],
                 in_chans=report.model_kwargs['in_chans'], converted_from=report.source)
-    args.update({k: data_config[k] for k in ('mean', 'std', 'crop_pct', 'interpolation', 'crop_mode')
-                 if k in data_config})
+    args.update({k: v for k, v in report.data_config.items() if k != 'input_size'})
     args.update(extra)
     return args
 
@@ -713,12 +728,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     folder = OutputFolder(args.out, (CHECKPOINT_NAME, REPORT_NAME, PLOT_NAME), overwrite=args.overwrite,
                           command='python -m timm_posattn.convert').check()
     device = _device(args.device)
-    saved = read_checkpoint(args.source).args if os.path.isfile(args.source) else {}
-    source = load_model(args.source, pretrained=True if args.pretrained else None).to(device).eval()
-    twin_kwargs(source)  # refuse a source it cannot mirror before reading any data
+    source, data_config, saved = load_source(args.source, pretrained=True if args.pretrained else None)
+    source.to(device)
     if not (args.pretrained or os.path.exists(args.source) or args.source.startswith(('hf-hub:', 'local-dir:'))):
         print(f'note: {args.source} has random weights (no --pretrained): the conversion is only a smoke test')
-    data_config = _source_data_config(source, saved)
     data_seed = args.data_seed if args.data_seed is not None else saved.get('data_seed', 0)
 
     structured = is_structured(args.dataset)
@@ -738,7 +751,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         pos_attn_layers=args.pos_attn_layers, fit_steps=args.fit_steps, fit_lr=args.fit_lr, holdout=args.holdout,
         data_config=data_config, seed=args.seed)
     report.source = args.source
-    ckpt_args = checkpoint_args(report, data_config, dataset=args.dataset, data_dir=args.data_dir,
+    ckpt_args = checkpoint_args(report, dataset=args.dataset, data_dir=args.data_dir,
                                 split=args.split, data_seed=data_seed)
     paths = write_conversion(folder, model, report, ckpt_args)
 
@@ -762,8 +775,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
 def _train_flags(args: Dict[str, Any]) -> str:
     """The train.py flags that build the converted model (train.py reads no model kwargs from --initial-checkpoint)."""
-    kwargs = ' '.join(f'{k}={str(v).replace(" ", "")}' for k, v in args['model_kwargs'].items()
-                      if k != 'pretrained_cfg_overlay')
+    kwargs = ' '.join(f'{k}={str(v).replace(" ", "")}' for k, v in args['model_kwargs'].items())
     flags = f"--model {args['model']} --num-classes {args['num_classes']} --model-kwargs {kwargs}"
     if 'mean' in args and 'std' in args:
         flags += f" --mean {' '.join(map(str, args['mean']))} --std {' '.join(map(str, args['std']))}"
