@@ -10,8 +10,8 @@ block and head averaged over calibration images, and fits each positional block'
         --data-dir /data/imagenet --num-images 1000 --out output/convert/vit_small
     python -m timm_posattn.convert --source output/train/std/model_best.pth.tar --dataset structured --out conv/
 
-The command writes `converted.pth.tar` (the train.py checkpoint format: it loads in train.py `--initial-checkpoint`,
-validate.py, visualize and publish), `report.json` and `attention.png` (source average vs fitted attention).
+The command writes `converted.pth.tar` (the train.py checkpoint format, read by `loading.load_model`, validate.py,
+publish and train.py `--initial-checkpoint`), `report.json` and `attention.png` (source average vs fitted attention).
 See docs/convert.md for the method and measured figures.
 """
 import argparse
@@ -498,7 +498,8 @@ def convert_vit(
             recorded.
         seed: seed of the fresh positional attention the fit starts from.
 
-    Returns the converted model (eval mode, on the source's device) and a `ConversionReport`. The fit moves the
+    Returns the converted model (eval mode, on the source's device; the source is left in eval mode) and a
+    `ConversionReport`. The fit moves the
     positional attention layers only, never the positional table P (see `fit_attention`). The held-out images are
     kept in memory (on the CPU) until the fitted model has been measured on them.
     """
