@@ -1230,7 +1230,8 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     except NonFiniteLossError as e:
         if '--debug' in (sys.argv[1:] if argv is None else argv):
             raise
-        logging.shutdown()
+        for handler in logging.getLogger().handlers:
+            handler.flush()
         print(f'error: training stopped, {e}', file=sys.stderr)
         return 3
     finally:

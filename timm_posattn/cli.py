@@ -142,7 +142,8 @@ def run_command(
     except (UsageError, *user_errors) as e:
         if debug:
             raise
-        logging.shutdown()
+        for handler in logging.getLogger().handlers:  # earlier log lines first (not shutdown: callers may go on)
+            handler.flush()
         print(f'error: {_one_line(e)}', file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
