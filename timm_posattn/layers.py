@@ -635,6 +635,69 @@ def positional_attention_proj(
     return _PositionalAttentionProj.apply(attn, v, weight, bias, num_heads, query_key[0], query_key[1])
 
 
+class _LayerNormLinear(torch.autograd.Function):
+    """`linear(layer_norm(x))` that keeps x, not its normalized copy, for backward.
+
+    Autograd would store both x (for the norm's backward) and layer_norm(x) (for the linear's weight gradient).
+    Backward renormalizes x instead (one elementwise pass), so a positional block, whose value projection is the only
+    consumer of its first norm, stores one (B, N, C) activation less. Norm in the dtype of x, the linear in the dtype
+    autocast gave the forward's output; plain differentiable ops, so double backward and torch.func work.
+    """
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(
+            x: torch.Tensor,
+            norm_weight: Optional[torch.Tensor],
+            norm_bias: Optional[torch.Tensor],
+            eps: float,
+            weight: torch.Tensor,
+            bias: Optional[torch.Tensor],
+    ) -> torch.Tensor:
+        return F.linear(F.layer_norm(x, x.shape[-1:], norm_weight, norm_bias, eps), weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, norm_weight, norm_bias, eps, weight, bias = inputs
+        ctx.eps = eps
+        ctx.has_bias = bias is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.save_for_backward(x, norm_weight, norm_bias, weight)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        device_type = grad_out.device.type
+        if device_type in ('cpu', 'cuda') and torch.is_autocast_enabled(device_type):
+            with torch.autocast(device_type, enabled=False):  # keep the forward's dtypes
+                return _layer_norm_linear_backward(ctx, grad_out)
+        return _layer_norm_linear_backward(ctx, grad_out)
+
+
+def _layer_norm_linear_backward(ctx, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
+    x, norm_weight, norm_bias, weight = ctx.saved_tensors
+    C, out_features = x.shape[-1], weight.shape[0]
+    x_norm, mean, rstd = torch.native_layer_norm(x, (C,), norm_weight, norm_bias, ctx.eps)  # the recompute
+    dtype = grad_out.dtype  # the linear's compute dtype
+    grad_x = grad_norm_weight = grad_norm_bias = grad_weight = grad_bias = None
+    if ctx.needs_input_grad[4]:
+        grad_weight = (grad_out.reshape(-1, out_features).t() @ x_norm.reshape(-1, C).to(dtype)).to(weight.dtype)
+    if ctx.has_bias and ctx.needs_input_grad[5]:
+        grad_bias = grad_out.reshape(-1, out_features).sum(dim=0, dtype=ctx.bias_dtype)
+    mask = [ctx.needs_input_grad[0], norm_weight is not None and ctx.needs_input_grad[1],
+            norm_bias is not None and ctx.needs_input_grad[2]]
+    if any(mask):
+        grad_x_norm = (grad_out @ weight.to(dtype)).to(x_norm.dtype)
+        grad_x, grad_norm_weight, grad_norm_bias = torch.ops.aten.native_layer_norm_backward(
+            grad_x_norm, x, [C], mean, rstd, norm_weight, norm_bias, mask)
+    return grad_x, grad_norm_weight, grad_norm_bias, None, grad_weight, grad_bias
+
+
+@torch.jit.unused
+def layer_norm_linear(x: torch.Tensor, norm: nn.LayerNorm, linear: nn.Linear) -> torch.Tensor:
+    """`linear(norm(x))` for a plain LayerNorm over the last dimension, storing x rather than norm(x) for backward."""
+    return _LayerNormLinear.apply(x, norm.weight, norm.bias, norm.eps, linear.weight, linear.bias)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Attention and block
 
@@ -699,8 +762,17 @@ class PositionalAttention(nn.Module):
         # copies (EMA, reparameterize_model) follow the copy.
         self.pos_source: Optional[PosSource] = None
 
+    def _values(self, x: torch.Tensor, values_given: bool) -> torch.Tensor:
+        return x if values_given else self.v(x)
+
     @torch.jit.unused
-    def _forward_lean(self, x: torch.Tensor, pos: torch.Tensor, grid_size: GridSize) -> Optional[torch.Tensor]:
+    def _forward_lean(
+            self,
+            x: torch.Tensor,
+            pos: torch.Tensor,
+            grid_size: GridSize,
+            values_given: bool = False,
+    ) -> Optional[torch.Tensor]:
         """The forward that never holds A for longer than it must; None where it does not apply (the plain forward
         then runs: FX tracing, torch.compile training, which plans its own recomputation, and training with
         attention dropout but without the A·V recompute).
@@ -718,13 +790,14 @@ class PositionalAttention(nn.Module):
                 return None
             query_key = self.pos_map.query_key(pos, grid_size)
             if query_key is not None and x.shape[0] == 1:
-                return self.proj(attend_one_image(query_key[0], query_key[1], self.v(x), self.num_heads))
+                return self.proj(attend_one_image(
+                    query_key[0], query_key[1], self._values(x, values_given), self.num_heads))
             if query_key is not None:
                 attn_of_head = lambda h: head_attention(query_key, h)  # noqa: E731
             else:
                 attn = self.pos_map(pos, grid_size)
                 attn_of_head = attn.__getitem__
-            return self.proj(apply_attention_by_head(attn_of_head, self.v(x), self.num_heads))
+            return self.proj(apply_attention_by_head(attn_of_head, self._values(x, values_given), self.num_heads))
         if torch.compiler.is_compiling():
             return None
         fuse_proj = self.recompute_attn_out and type(self.proj) is nn.Linear
@@ -738,16 +811,26 @@ class PositionalAttention(nn.Module):
                 attn = self.pos_map(pos, grid_size, query_key=(query_key[0].detach(), query_key[1].detach()))
         if fuse_proj:
             return positional_attention_proj(
-                attn, self.v(x), self.proj.weight, self.proj.bias, self.num_heads, query_key)
-        return self.proj(positional_attention_proj(attn, self.v(x), None, None, self.num_heads, query_key))
+                attn, self._values(x, values_given), self.proj.weight, self.proj.bias, self.num_heads, query_key)
+        return self.proj(positional_attention_proj(attn, self._values(x, values_given), None, None, self.num_heads,
+                                                   query_key))
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, grid_size: GridSize) -> torch.Tensor:
+    def forward(
+            self,
+            x: torch.Tensor,
+            pos: torch.Tensor,
+            grid_size: GridSize,
+            values_given: bool = False,
+    ) -> torch.Tensor:
+        """x: normalized tokens (B, N, C), or with `values_given` their value projection already (the block's
+        norm-recompute path computes it)."""
         if not torch.jit.is_scripting():
-            out = self._forward_lean(x, pos, grid_size)
+            out = self._forward_lean(x, pos, grid_size, values_given)
             if out is not None:
                 return self.proj_drop(out)
         attn = self.attn_drop(self.pos_map(pos, grid_size))
-        return self.proj_drop(self.proj(apply_positional_attention(attn, self.v(x), self.num_heads)))
+        x = self.proj(apply_positional_attention(attn, self._values(x, values_given), self.num_heads))
+        return self.proj_drop(x)
 
     @torch.jit.ignore
     def is_reparameterized(self) -> bool:
@@ -857,8 +940,24 @@ class PositionalBlock(nn.Module):
         )
         self.ls2 = LayerScale(dim, init_values=init_values, **dd) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        # Recompute norm1(x) in backward rather than store it (eager autograd, plain LayerNorm and value Linear):
+        # one (B, N, C) activation less per block, one elementwise pass more. norm1 and attn.v then run inside
+        # `layer_norm_linear` (their own forward hooks do not fire); attn is called with the values.
+        self.recompute_norm = True
+
+    @torch.jit.unused
+    def _recompute_norm(self) -> bool:
+        if not (self.recompute_norm and torch.is_grad_enabled()) or _is_fx_tracing() or torch.compiler.is_compiling():
+            return False
+        norm = self.norm1
+        return (type(norm) in (nn.LayerNorm, LayerNorm) and not getattr(norm, '_fast_norm', False)
+                and len(norm.normalized_shape) == 1 and type(self.attn.v) is nn.Linear)
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, grid_size: GridSize) -> torch.Tensor:
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), pos, grid_size)))
+        if not torch.jit.is_scripting() and self._recompute_norm():
+            attn_out = self.attn(layer_norm_linear(x, self.norm1, self.attn.v), pos, grid_size, values_given=True)
+        else:
+            attn_out = self.attn(self.norm1(x), pos, grid_size)
+        x = x + self.drop_path1(self.ls1(attn_out))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x
