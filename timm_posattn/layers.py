@@ -40,6 +40,11 @@ PosSource = Callable[[], Tuple[torch.Tensor, GridSize]]
 _is_fx_tracing = getattr(torch.fx._symbolic_trace, 'is_fx_symbolic_tracing', torch.fx._symbolic_trace.is_fx_tracing)
 
 
+def _is_tracing() -> bool:
+    """FX or TorchScript tracing (which ONNX export uses): record the plain ops, valid for any batch size."""
+    return _is_fx_tracing() or torch.jit.is_tracing()
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Registry
 
@@ -774,14 +779,15 @@ class PositionalAttention(nn.Module):
             values_given: bool = False,
     ) -> Optional[torch.Tensor]:
         """The forward that never holds A for longer than it must; None where it does not apply (the plain forward
-        then runs: FX tracing, torch.compile training, which plans its own recomputation, and training with
+        then runs: FX or TorchScript tracing (ONNX export), torch.compile training, which plans its own recomputation,
+        and training with
         attention dropout but without the A·V recompute).
 
         Without autograd, A is built and applied one head at a time (a single image goes through SDPA). With eager
         autograd, A is recomputed in backward from the positional q and k instead of stored, and with
         `recompute_attn_out` (and a plain Linear projection) so is A·V.
         """
-        if _is_fx_tracing():
+        if _is_tracing():
             return None
         dropout = self.training and self.attn_drop.p > 0  # a dropped A cannot be rebuilt head by head or in backward
         # self.v(x) is passed straight on, never bound to a name: the values are freed as soon as they are mixed
@@ -947,7 +953,7 @@ class PositionalBlock(nn.Module):
 
     @torch.jit.unused
     def _recompute_norm(self) -> bool:
-        if not (self.recompute_norm and torch.is_grad_enabled()) or _is_fx_tracing() or torch.compiler.is_compiling():
+        if not (self.recompute_norm and torch.is_grad_enabled()) or _is_tracing() or torch.compiler.is_compiling():
             return False
         norm = self.norm1
         return (type(norm) in (nn.LayerNorm, LayerNorm) and not getattr(norm, '_fast_norm', False)
