@@ -715,7 +715,7 @@ def plot_sweep(rows: Sequence[Dict[str, Any]], write: Callable[[Callable[[Any], 
         plt.close(fig)
 
 
-def _output(path: str, overwrite: bool) -> Tuple[OutputFolder, str]:
+def claim_output(path: str, overwrite: bool) -> Tuple[OutputFolder, str]:
     """The output-folder policy for one file the user named: refused before any work if it exists, unless
     --overwrite; written atomically."""
     folder = OutputFolder(os.path.dirname(os.path.abspath(path)), [os.path.basename(path)], overwrite=overwrite,
@@ -778,7 +778,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         raise UsageError(f'unknown model(s) {unknown}: expected names registered with timm')
     if args.img_size and 'img_size' in args.model_kwargs:
         raise UsageError('give the image size with --img-size or in --model-kwargs, not both')
-    outputs = [_output(path, args.overwrite) for path in (args.json, args.plot) if path]  # refuse before the run
+    outputs = [claim_output(path, args.overwrite) for path in (args.json, args.plot) if path]  # refuse before the run
     if args.num_threads is not None:
         torch.set_num_threads(args.num_threads)
     # A CPU step takes seconds, a GPU step milliseconds: GPU repeats need many steps to rise above launch jitter.

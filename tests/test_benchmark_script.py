@@ -307,7 +307,7 @@ def test_device_check_script_dry_run_on_cpu(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = (tmp_path / 'summary.txt').read_text().split('\n')
-    assert [line.split()[:2] for line in summary if line] == [['env', 'rc=0'], ['grads', 'rc=0']]
+    assert [line.split()[:2] for line in summary if line] == [['env', 'rc=0'], ['grads', 'rc=0'], ['sweep', 'rc=0']]
     assert 'grads OK' in (tmp_path / 'grads.log').read_text()
 
 
@@ -325,3 +325,21 @@ def test_attention_layout_channels_first_is_the_model_attention():
         expected = module(x, x.new_zeros(1, 5, 8), (2, 2))
         for name in ('model', 'channels_first'):
             torch.testing.assert_close(variants[name](attn, x, None), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_onnx_throughput_script_exports_both_models_alike(tmp_path):
+    """ours (reparameterized) and timm's ViT exported by the same function, each checked, then timed in turns."""
+    pytest.importorskip('onnx')
+    pytest.importorskip('onnxruntime')
+    onnx_throughput = _load_script('onnx_throughput')
+    out = tmp_path / 'onnx.json'
+    payload = onnx_throughput.main(['--models', TINY, '--img-size', '32', '--batch-size', '2', '--threads', '1',
+                                    '--repeats', '2', '--json', str(out)])
+    (row,) = payload['rows']
+    assert row['variant'] == 'reparam_onnx' and row['img_size'] == 32 and row['tokens'] == 65
+    assert row['img_per_s'] > 0 and row['baseline_img_per_s'] > 0 and len(row['paired_ratios']) == 2
+    assert row['baseline'].startswith('vit_tiny_patch16_224(img_size=32')
+    assert all(diff <= 1e-4 for diff in row['onnx_max_abs_diff'])
+    assert row['flop_ratio'] > 1  # the baked model computes no attention from the positional table
+    assert json.loads(out.read_text())['environment']['onnxruntime']
+    assert os.listdir(tmp_path) == ['onnx.json']  # the exported files lived in a temporary folder
