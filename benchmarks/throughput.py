@@ -18,7 +18,8 @@ reported.
   train: train mode, zero_grad + forward + cross-entropy + backward + AdamW step (timm.optim)
 
 Peak memory of one step, model-owned bytes only (parameters, buffers, gradients, optimizer state, caches, step
-activations and temporaries; the input batch is excluded), measured after the timed repeats:
+activations and temporaries; the input batch is excluded), measured on an untimed step before the timed repeats
+(see `warm_up`):
   cuda: torch.cuda.max_memory_allocated after reset_peak_memory_stats
   cpu:  high-water mark of the CPU tensor allocator, from torch.profiler(profile_memory=True) allocation events
 In both cases what the other models of the round hold is subtracted, so each figure is what the step would need alone.
@@ -435,6 +436,22 @@ def _as_batch_sizes(value: Union[None, int, Sequence[int]], default: Sequence[in
     return tuple(dict.fromkeys(sizes))  # in the given order, each once
 
 
+def warm_up(runner: Runner, warmup: int, measure_memory: bool) -> Optional[int]:
+    """Run the untimed steps; returns the step's peak memory (None if not measured), taken on one of them.
+
+    On the CPU an inference step allocates the same tensors on every call (nothing is cached), so the first step is
+    measured and counts as a warm-up step (the sweep's largest steps take many seconds). Otherwise the step after the
+    warm-up is measured: a training step once the optimizer state exists, a CUDA step once cuBLAS has its workspace.
+    """
+    first = measure_memory and runner.mode == 'infer' and runner.device.type == 'cpu'
+    peak = measure_peak_memory(runner) if first else None
+    for _ in range(warmup - int(first)):
+        runner.step()
+    if measure_memory and not first:
+        peak = measure_peak_memory(runner)
+    return peak
+
+
 def time_round_robin(runners: Sequence[Runner], repeats: int, iters: int) -> List[List[float]]:
     """Seconds per repeat of each runner, the runners taking turns and the order reversed every repeat.
 
@@ -459,7 +476,7 @@ def benchmark_pair(
         reparam_batch_size: Union[None, int, Sequence[int]] = (),
         img_size: Optional[int] = None,
         warmup: int = 1,
-        repeats: int = 5,
+        repeats: int = 3,
         iters: int = 1,
         compile_model: bool = False,
         measure_memory: bool = True,
@@ -507,11 +524,8 @@ def benchmark_pair(
             # counted before anything moves to the device (the count runs on a meta copy)
             flops = [step_flops(m, mode, b) for m in models]
             runners = [make_runner(m, mode, torch_device, DTYPES[dtype], b, seed, compile_model) for m in models]
-            for runner in runners:
-                for _ in range(warmup):
-                    runner.step()
+            peaks = [warm_up(runner, warmup, measure_memory) for runner in runners]
             seconds = time_round_robin(runners, repeats, iters)
-            peaks = [measure_peak_memory(runner) if measure_memory else None for runner in runners]
             img_per_s = [b * iters / statistics.median(s) for s in seconds]
             mb = [None if p is None else round(p / 2 ** 20, 2) for p in peaks]
             for i, (variant, m) in enumerate(candidates):
@@ -531,7 +545,9 @@ def benchmark_pair(
                     flop_ratio=round(flops[-1] / flops[i], 3),
                     peak_mem_mb=mb[i],
                     baseline_peak_mem_mb=mb[-1],
-                    mem_ratio=None if peaks[i] is None else round(peaks[i] / peaks[-1], 3),
+                    peak_mem_bytes=peaks[i],
+                    baseline_peak_mem_bytes=peaks[-1],
+                    mem_ratio=None if peaks[i] is None else round(peaks[i] / peaks[-1], 4),
                     ratio_of_bound=round(img_per_s[i] / img_per_s[-1] / (flops[-1] / flops[i]), 3),
                     speed_vs_posattn=(round(img_per_s[i] / img_per_s[0], 3) if variant != 'posattn' else None),
                     paired_ratios=[round(t_base / t, 3) for t, t_base in zip(seconds[i], seconds[-1])],
@@ -750,8 +766,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument('--modes', nargs='+', default=list(MODES), choices=MODES, help='infer and/or train')
     parser.add_argument('--warmup', type=int_range(1), default=None,
                         help='untimed steps per model and mode (default: 1 on cpu, 5 on cuda; +1 with --compile)')
-    parser.add_argument('--repeats', type=int_range(1), default=5,
-                        help='timed repeats, the median is reported (default: 5)')
+    parser.add_argument('--repeats', type=int_range(1), default=3,
+                        help='timed repeats, the median is reported (default: 3)')
     parser.add_argument('--iters', type=int_range(1), default=None,
                         help='steps per timed repeat (default: 1 on cpu, 20 on cuda)')
     parser.add_argument('--compile', action='store_true', help='torch.compile every model')

@@ -45,9 +45,8 @@ def _check_row(row, mode, batch_size, variant='posattn', img_size=32, tokens=65)
     param_mb = row['param_count'] * 4 / 2 ** 20
     assert row['peak_mem_mb'] > (4 if mode == 'train' else 1) * param_mb
     assert row['baseline_peak_mem_mb'] > 0
-    # mem_ratio comes from exact bytes, the MB figures are rounded to 0.01: allow for that rounding only.
-    rounding = 0.005 * (1 + row['mem_ratio']) / row['baseline_peak_mem_mb'] + 5e-4
-    assert abs(row['mem_ratio'] - row['peak_mem_mb'] / row['baseline_peak_mem_mb']) <= rounding
+    assert row['mem_ratio'] == pytest.approx(row['peak_mem_bytes'] / row['baseline_peak_mem_bytes'], abs=5e-5)
+    assert row['peak_mem_mb'] == pytest.approx(row['peak_mem_bytes'] / 2 ** 20, abs=0.005)
     assert len(row['seconds_per_repeat']) == len(row['baseline_seconds_per_repeat']) == row['repeats']
     assert row['paired_ratios'] == [pytest.approx(b / a, rel=1e-2) for a, b in zip(
         row['seconds_per_repeat'], row['baseline_seconds_per_repeat'])]
