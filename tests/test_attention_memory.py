@@ -145,3 +145,32 @@ def test_inference_allocates_at_most_one_head_of_attention(layer, batch):
         assert biggest == heads * tokens * tokens * 4
     else:
         assert biggest < heads * tokens * tokens * 4
+
+
+def _allocator_peak(fn):
+    """Highest net bytes the CPU tensor allocator holds above its start while `fn` runs (profiler memory events)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    for _, nbytes in sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                            if e.name() == '[memory]'):
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.parametrize('batch', [1, 4])
+def test_inference_block_peak_is_not_above_timm_block(batch):
+    """Without autograd a positional block needs no more memory than timm's block of the same size: its attention
+    is built head by head, and nothing of it (A, the attention output) is alive while the MLP runs."""
+    from timm.models.vision_transformer import Block
+    dim, heads, tokens = 64, 4, 17
+    ours = PositionalBlock(dim, num_heads=heads, grid_size=(4, 4), qkv_bias=True).eval()
+    theirs = Block(dim, num_heads=heads, qkv_bias=True).eval()
+    x, pos = torch.randn(batch, tokens, dim), torch.randn(1, tokens, dim)
+    with torch.no_grad():
+        ours(x, pos, (4, 4)), theirs(x)  # first calls out of the way
+        peak = _allocator_peak(lambda: ours(x, pos, (4, 4)))
+        timm_peak = _allocator_peak(lambda: theirs(x))
+    assert peak <= timm_peak

@@ -517,9 +517,10 @@ def apply_attention_by_head(
     """
     B, N, C = v.shape
     v_heads = _to_heads(v, num_heads)
+    del v  # the head-major copy is all the loop needs
     out = torch.empty_like(v_heads)
     for h in range(num_heads):
-        torch.mm(attn_of_head(h).to(v.dtype), v_heads[h], out=out[h])
+        torch.mm(attn_of_head(h).to(v_heads.dtype), v_heads[h], out=out[h])
     return _from_heads(out, B, C)
 
 
@@ -778,10 +779,9 @@ class PositionalAttention(nn.Module):
             grid_size: GridSize,
             values_given: bool = False,
     ) -> Optional[torch.Tensor]:
-        """The forward that never holds A for longer than it must; None where it does not apply (the plain forward
-        then runs: FX or TorchScript tracing (ONNX export), torch.compile training, which plans its own recomputation,
-        and training with
-        attention dropout but without the A·V recompute).
+        """The forward that never holds A for longer than it must; None where it does not apply and the plain forward
+        runs: FX or TorchScript tracing (ONNX export), torch.compile training (which plans its own recomputation), and
+        training with attention dropout but without the A·V recompute.
 
         Without autograd, A is built and applied one head at a time (a single image goes through SDPA). With eager
         autograd, A is recomputed in backward from the positional q and k instead of stored, and with
@@ -959,11 +959,16 @@ class PositionalBlock(nn.Module):
         return (type(norm) in (nn.LayerNorm, LayerNorm) and not getattr(norm, '_fast_norm', False)
                 and len(norm.normalized_shape) == 1 and type(self.attn.v) is nn.Linear)
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, grid_size: GridSize) -> torch.Tensor:
+    def _attention(self, x: torch.Tensor, pos: torch.Tensor, grid_size: GridSize) -> torch.Tensor:
+        """attn(norm1(x)), through `layer_norm_linear` when norm1 is recomputed in backward.
+
+        Returned, never bound to a name in `forward`: the output is freed by the residual add, before the MLP runs.
+        """
         if not torch.jit.is_scripting() and self._recompute_norm():
-            attn_out = self.attn(layer_norm_linear(x, self.norm1, self.attn.v), pos, grid_size, values_given=True)
-        else:
-            attn_out = self.attn(self.norm1(x), pos, grid_size)
-        x = x + self.drop_path1(self.ls1(attn_out))
+            return self.attn(layer_norm_linear(x, self.norm1, self.attn.v), pos, grid_size, values_given=True)
+        return self.attn(self.norm1(x), pos, grid_size)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, grid_size: GridSize) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self._attention(x, pos, grid_size)))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x
