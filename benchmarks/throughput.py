@@ -297,14 +297,22 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(runner: Runner, iters: int) -> float:
-    """Wall-clock seconds of `iters` steps, the device drained before and after."""
+TIMERS = {'wall': time.perf_counter, 'process': time.process_time}
+
+
+def time_steps(runner: Runner, iters: int, timer: str = 'wall') -> float:
+    """Seconds of `iters` steps, the device drained before and after.
+
+    `timer`: 'wall' (wall clock: what a user waits) or 'process' (CPU time of this process, every thread summed: with
+    one thread, what the step costs however busy the machine is; CPU only).
+    """
+    clock = TIMERS[timer]
     synchronize(runner.device)
-    start = time.perf_counter()
+    start = clock()
     for _ in range(iters):
         runner.step()
     synchronize(runner.device)
-    return time.perf_counter() - start
+    return clock() - start
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -452,7 +460,7 @@ def warm_up(runner: Runner, warmup: int, measure_memory: bool) -> Optional[int]:
     return peak
 
 
-def time_round_robin(runners: Sequence[Runner], repeats: int, iters: int) -> List[List[float]]:
+def time_round_robin(runners: Sequence[Runner], repeats: int, iters: int, timer: str = 'wall') -> List[List[float]]:
     """Seconds per repeat of each runner, the runners taking turns and the order reversed every repeat.
 
     Drifting machine load then hits every model alike, and a model's repeat is adjacent in time to the others'.
@@ -461,7 +469,7 @@ def time_round_robin(runners: Sequence[Runner], repeats: int, iters: int) -> Lis
     order = list(range(len(runners)))
     for r in range(repeats):
         for i in (order if r % 2 == 0 else order[::-1]):
-            seconds[i].append(time_steps(runners[i], iters))
+            seconds[i].append(time_steps(runners[i], iters, timer))
     return seconds
 
 
@@ -482,6 +490,7 @@ def benchmark_pair(
         measure_memory: bool = True,
         seed: int = 0,
         model_kwargs: Optional[Dict[str, Any]] = None,
+        timer: str = 'wall',
 ) -> List[Dict[str, Any]]:
     """Benchmark `model_name` against its baseline; one row per variant, mode and batch size.
 
@@ -494,6 +503,8 @@ def benchmark_pair(
         raise ValueError(f'dtype must be one of {list(DTYPES)}, got {dtype!r}')
     if warmup < 1 or repeats < 1 or iters < 1:
         raise ValueError(f'warmup, repeats and iters must be >= 1, got {warmup}, {repeats}, {iters}')
+    if timer not in TIMERS or (timer == 'process' and device != 'cpu'):
+        raise ValueError(f"timer must be 'wall', or 'process' on the cpu; got {timer!r} on {device}")
     model_kwargs = dict(model_kwargs or {})
     if img_size is not None:
         if 'img_size' in model_kwargs:
@@ -525,7 +536,7 @@ def benchmark_pair(
             flops = [step_flops(m, mode, b) for m in models]
             runners = [make_runner(m, mode, torch_device, DTYPES[dtype], b, seed, compile_model) for m in models]
             peaks = [warm_up(runner, warmup, measure_memory) for runner in runners]
-            seconds = time_round_robin(runners, repeats, iters)
+            seconds = time_round_robin(runners, repeats, iters, timer)
             img_per_s = [b * iters / statistics.median(s) for s in seconds]
             mb = [None if p is None else round(p / 2 ** 20, 2) for p in peaks]
             for i, (variant, m) in enumerate(candidates):
@@ -555,6 +566,7 @@ def benchmark_pair(
                     baseline_gflops_per_img=round(flops[-1] / b / 1e9, 4),
                     memory_method=memory_method(torch_device) if measure_memory else None,
                     num_threads=torch.get_num_threads(),
+                    timer=timer,
                     baseline_kind=baseline,
                     compile=compile_model,
                     seconds_per_repeat=[round(t, 6) for t in seconds[i]],
@@ -570,6 +582,14 @@ def benchmark_pair(
                 m.zero_grad(set_to_none=True)
             gc.collect()
     return rows
+
+
+def _load_average() -> Optional[List[float]]:
+    """The machine's 1, 5 and 15 minute load averages: above the thread count, other work shared the cores."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def environment(argv: Sequence[str]) -> Dict[str, Any]:
@@ -674,12 +694,13 @@ def check_targets(rows: Sequence[Dict[str, Any]], targets: Sequence[Target] = CP
             value = row.get(target.metric)
             if target.applies(row) and value is not None:
                 results.append(dict(target=target.text, img_size=row['img_size'], batch_size=row['batch_size'],
-                                    metric=target.metric, value=value, met=target.met(value)))
+                                    metric=target.metric, value=value, met=target.met(value),
+                                    num_threads=row.get('num_threads'), timer=row.get('timer', 'wall')))
     return results
 
 
 def targets_text(results: Sequence[Dict[str, Any]]) -> str:
-    lines = [f"{'met   ' if r['met'] else 'MISSED'} {r['target']}: {r['metric']} {r['value']:.3f} at "
+    lines = [f"{'met   ' if r['met'] else 'MISSED'} {r['target']}: {r['metric']} {r['value']:.4g} at "
              f"{r['img_size']} px, batch {r['batch_size']}" for r in results]
     missed = sum(not r['met'] for r in results)
     lines.append(f'{len(results) - missed} of {len(results)} target checks met')
@@ -722,7 +743,8 @@ def plot_sweep(rows: Sequence[Dict[str, Any]], write: Callable[[Callable[[Any], 
                      fontsize=9)
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-    device = f"{rows[0]['device']}, {rows[0]['dtype']}, {rows[0]['num_threads']} threads" if rows else ''
+    device = (f"{rows[0]['device']}, {rows[0]['dtype']}, {rows[0]['num_threads']} threads, "
+              f"{rows[0].get('timer', 'wall')} time") if rows else ''
     fig.suptitle(f'Positional attention vs timm ViT of the same size ({device})', fontsize=10)
     fig.tight_layout()
     try:
@@ -770,6 +792,9 @@ def build_parser() -> ArgumentParser:
                         help='timed repeats, the median is reported (default: 3)')
     parser.add_argument('--iters', type=int_range(1), default=None,
                         help='steps per timed repeat (default: 1 on cpu, 20 on cuda)')
+    parser.add_argument('--timer', default='wall', choices=list(TIMERS),
+                        help='wall: wall-clock seconds (default); process: CPU seconds of this process, for a shared '
+                             'machine, with --num-threads 1 (CPU only)')
     parser.add_argument('--compile', action='store_true', help='torch.compile every model')
     parser.add_argument('--no-memory', action='store_true', help='skip the peak-memory step')
     parser.add_argument('--num-threads', type=int_range(1), default=None,
@@ -789,6 +814,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = build_parser().parse_args(argv)
     if args.device == 'cuda' and not torch.cuda.is_available():
         raise UsageError('--device cuda: no CUDA device is available')
+    if args.timer == 'process' and args.device != 'cpu':
+        raise UsageError('--timer process measures CPU time: use it with --device cpu')
     unknown = [m for m in args.models if not timm.is_model(m.split('.')[0])]
     if unknown:
         raise UsageError(f'unknown model(s) {unknown}: expected names registered with timm')
@@ -804,7 +831,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         args.iters = 20 if args.device == 'cuda' else 1
 
     rows = []
-    start = time.perf_counter()
+    start, load_start = time.perf_counter(), _load_average()
     for name in args.models:
         for img_size in args.img_size or [None]:
             new_rows = benchmark_pair(
@@ -824,16 +851,18 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                 measure_memory=not args.no_memory,
                 seed=args.seed,
                 model_kwargs=args.model_kwargs,
+                timer=args.timer,
             )
             rows.extend(new_rows)
             print(markdown_table(new_rows), flush=True)
     targets = check_targets(rows)
-    payload = dict(environment=environment(argv), rows=rows, targets=targets,
-                   seconds_total=round(time.perf_counter() - start, 1))
+    load_end = _load_average()
+    payload = dict(environment=dict(environment(argv), load_average=load_start, load_average_end=load_end),
+                   rows=rows, targets=targets, seconds_total=round(time.perf_counter() - start, 1))
     env = payload['environment']
     print(f"\n{env['cpu']}, {env['num_threads']} threads, torch {env['torch']}, timm {env['timm']}, "
-          f"{args.device}/{args.dtype}, memory: {rows[0]['memory_method'] if rows else '-'}, "
-          f"{payload['seconds_total']} s\n")
+          f"{args.device}/{args.dtype}, {args.timer} time, memory: {rows[0]['memory_method'] if rows else '-'}, "
+          f"{payload['seconds_total']} s, load average {env['load_average']} at the start, {load_end} at the end\n")
     print(markdown_table(rows))
     if targets:
         print('\n' + targets_text(targets))

@@ -88,9 +88,12 @@ def test_reparameterized_variant_is_timed_in_the_same_round():
 
 def test_image_size_sweep_builds_model_and_baseline_for_each_size():
     rows = throughput.benchmark_pair(TINY, modes=['infer'], batch_size=2, img_size=48, warmup=1, repeats=1,
-                                     measure_memory=False, model_kwargs=TINY_KWARGS)
+                                     measure_memory=False, model_kwargs=TINY_KWARGS, timer='process')
     assert len(rows) == 1
     row = rows[0]
+    assert row['timer'] == 'process' and row['seconds_per_repeat'][0] > 0
+    with pytest.raises(ValueError, match="'process' on the cpu"):
+        throughput.benchmark_pair(TINY, device='cuda', timer='process', model_kwargs=TINY_KWARGS)
     assert row['img_size'] == 48 and row['tokens'] == 1 + 12 * 12
     assert 'img_size=48' in row['baseline'] and row['model_kwargs']['img_size'] == '48'
     assert row['peak_mem_mb'] is None and row['mem_ratio'] is None
@@ -168,7 +171,8 @@ def test_main_writes_json_plot_and_table(tmp_path, capsys):
     assert saved == json.loads(json.dumps(payload))
     assert set(saved) == {'environment', 'rows', 'targets', 'seconds_total'}
     assert saved['targets'] == []  # the issue's targets are for ViT-S/16 against timm's ViT
-    for key in ('command', 'cpu', 'cpu_count', 'num_threads', 'torch', 'timm', 'timm_posattn'):
+    for key in ('command', 'cpu', 'cpu_count', 'num_threads', 'torch', 'timm', 'timm_posattn', 'load_average',
+                'load_average_end'):
         assert key in saved['environment']
     assert saved['environment']['command'].endswith('throughput.py ' + ' '.join(argv))
     # per size: the plain model, and the reparameterized one at the (only, so largest) batch
@@ -228,7 +232,7 @@ def test_targets_are_read_off_the_issue_rows():
         ('reparameterized batch-1 speed ratio', 224, 1): True,
     }
     text = throughput.targets_text(results)
-    assert 'MISSED inference peak memory <= 1.0x: mem_ratio 1.010 at 384 px, batch 8' in text
+    assert 'MISSED inference peak memory <= 1.0x: mem_ratio 1.01 at 384 px, batch 8' in text
     assert text.endswith('4 of 7 target checks met')
 
 
