@@ -35,8 +35,11 @@ def make_session(path: str, threads: int) -> Any:
     return onnxruntime.InferenceSession(path, options, providers=['CPUExecutionProvider'])
 
 
-def time_sessions(sessions: Sequence[Any], x: Any, warmup: int, repeats: int) -> List[List[float]]:
-    """Seconds per run of each session on input `x` (numpy), taking turns, the order reversed every repeat."""
+def time_sessions(sessions: Sequence[Any], x: Any, warmup: int, repeats: int, timer: str = 'wall') -> List[List[float]]:
+    """Seconds per run of each session on input `x` (numpy), taking turns, the order reversed every repeat.
+
+    `timer`: 'wall' or 'process' (CPU seconds of this process, onnxruntime's threads included)."""
+    clock = throughput.TIMERS[timer]
     names = [s.get_inputs()[0].name for s in sessions]
     for session, name in zip(sessions, names):
         for _ in range(warmup):
@@ -45,9 +48,9 @@ def time_sessions(sessions: Sequence[Any], x: Any, warmup: int, repeats: int) ->
     order = list(range(len(sessions)))
     for r in range(repeats):
         for i in (order if r % 2 == 0 else order[::-1]):
-            start = time.perf_counter()
+            start = clock()
             sessions[i].run(None, {names[i]: x})
-            seconds[i].append(time.perf_counter() - start)
+            seconds[i].append(clock() - start)
     return seconds
 
 
@@ -61,6 +64,7 @@ def benchmark_onnx(
         dynamo: bool = False,
         seed: int = 0,
         folder: Optional[str] = None,
+        timer: str = 'wall',
 ) -> List[Dict[str, Any]]:
     """Rows for one model and image size: ours (reparameterized) vs timm's ViT, exported and run the same way."""
     kwargs = {} if img_size is None else dict(img_size=img_size)
@@ -77,7 +81,7 @@ def benchmark_onnx(
         rows = []
         for b in batch_sizes:
             x = torch.randn(b, *reports[0].input_size, generator=torch.Generator().manual_seed(seed)).numpy()
-            seconds = time_sessions(sessions, x, warmup, repeats)
+            seconds = time_sessions(sessions, x, warmup, repeats, timer)
             img_per_s = [b / statistics.median(s) for s in seconds]
             flops = [throughput.step_flops(m, 'infer', b) for m in (reparam, base)]
             rows.append(dict(
@@ -97,6 +101,7 @@ def benchmark_onnx(
                 onnx_max_abs_diff=[r.max_abs_diff for r in reports],
                 exporter='dynamo' if dynamo else 'torchscript',
                 intra_op_threads=threads,
+                timer=timer,
                 repeats=repeats,
             ))
     return rows
@@ -127,6 +132,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument('--warmup', type=int_range(1), default=1, help='untimed runs per session (default: 1)')
     parser.add_argument('--repeats', type=int_range(1), default=5, help='timed runs, median reported (default: 5)')
     parser.add_argument('--dynamo', action='store_true', help='export with the torch.export based exporter')
+    parser.add_argument('--timer', default='wall', choices=list(throughput.TIMERS),
+                        help='wall: wall-clock seconds (default); process: CPU seconds, for a shared machine with '
+                             '--threads 1')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--json', default=None, metavar='OUT', help='write the environment and rows to OUT')
     parser.add_argument('--overwrite', action='store_true', help='replace an existing --json file')
@@ -146,15 +154,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     for name in args.models:
         for img_size in args.img_size:
             new_rows = benchmark_onnx(name, img_size, args.batch_size, threads, args.warmup, args.repeats,
-                                      args.dynamo, args.seed)
+                                      args.dynamo, args.seed, timer=args.timer)
             rows.extend(new_rows)
             print(markdown_table(new_rows), flush=True)
     import onnxruntime
     environment = dict(throughput.environment(argv), onnxruntime=onnxruntime.__version__, intra_op_threads=threads)
     environment['command'] = ' '.join(['python', os.path.relpath(os.path.abspath(__file__))] + argv)
     payload = dict(environment=environment, rows=rows, seconds_total=round(time.perf_counter() - start, 1))
-    print(f"\n{environment['cpu']}, onnxruntime {environment['onnxruntime']}, {threads} threads, "
-          f"{payload['seconds_total']} s\n")
+    print(f"\n{environment['cpu']}, onnxruntime {environment['onnxruntime']}, {threads} threads, {args.timer} time, "
+          f"{payload['seconds_total']} s, load average {throughput.load_average()}\n")
     print(markdown_table(rows))
     if output is not None:
         folder, name = output

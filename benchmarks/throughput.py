@@ -584,7 +584,7 @@ def benchmark_pair(
     return rows
 
 
-def _load_average() -> Optional[List[float]]:
+def load_average() -> Optional[List[float]]:
     """The machine's 1, 5 and 15 minute load averages: above the thread count, other work shared the cores."""
     try:
         return [round(v, 2) for v in os.getloadavg()]
@@ -831,7 +831,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         args.iters = 20 if args.device == 'cuda' else 1
 
     rows = []
-    start, load_start = time.perf_counter(), _load_average()
+    start, load_start = time.perf_counter(), load_average()
     for name in args.models:
         for img_size in args.img_size or [None]:
             new_rows = benchmark_pair(
@@ -856,7 +856,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             rows.extend(new_rows)
             print(markdown_table(new_rows), flush=True)
     targets = check_targets(rows)
-    load_end = _load_average()
+    load_end = load_average()
     payload = dict(environment=dict(environment(argv), load_average=load_start, load_average_end=load_end),
                    rows=rows, targets=targets, seconds_total=round(time.perf_counter() - start, 1))
     env = payload['environment']

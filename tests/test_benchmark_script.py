@@ -162,7 +162,8 @@ def test_cpu_allocator_peak_counts_live_bytes():
 def test_main_writes_json_plot_and_table(tmp_path, capsys):
     out, png = tmp_path / 'sub' / 'out.json', tmp_path / 'sub' / 'sweep.png'
     argv = ['--models', TINY, '--baseline', 'twin', '--img-size', '32', '48', '--batch-size', '3', '--repeats', '1',
-            '--modes', 'infer', '--model-kwargs', 'depth=1', '--num-threads', '1', '--json', str(out), '--plot', str(png)]
+            '--modes', 'infer', '--model-kwargs', 'depth=1', '--num-threads', '1', '--json', str(out),
+            '--plot', str(png)]
     payload = throughput.main(argv)
     printed = capsys.readouterr().out
     assert '| model | variant | baseline | img | N | mode | batch |' in printed
