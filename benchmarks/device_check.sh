@@ -5,18 +5,23 @@
 #
 # Steps, most important first, each under its own time limit (a failed step does not stop the next):
 #   env      GPU, torch, timm; timm_posattn imports and registers its models
-#   grads    CUDA fp32 and bf16-autocast training step of vit_posattn_small_patch16_224: the memory-saving
-#            recompute path gives the same loss and gradients as plain autograd
-#   eager    bf16 benchmark vs timm's vit_small_patch16_224 at batch 256 (benchmark issue target: train >= 1.15)
+#   grads    CUDA fp32 and bf16-autocast training step of vit_posattn_small_patch16_224: the memory-saving paths
+#            (A rebuilt from q and k, A·V and norm1 recomputed in backward) give plain autograd's loss and gradients;
+#            without autograd, the head-by-head and batch-1 (SDPA) paths and the reparameterized model give the
+#            plain forward's logits
+#   sweep    bf16 benchmark vs timm's ViT-S/16 at 224, 384 and 512 px: inference at batch 1, 32 and 256 with the
+#            reparameterized model at 1 and 256, training at batch 64 (--plot: the ratio against N)
+#   eager    bf16 training benchmark at 224, batch 256 (benchmark issue target: train >= 1.15)
 #   layout   how the shared attention matrix is applied, on the GPU (benchmarks/attention_layout.py), then the
 #            whole attention modules, including the copy-free channels-first layout (--projections)
 #   train    train.py on CUDA with bf16 AMP, 1 epoch of the structured demo (DDP over NCCL needs >= 2 GPUs:
 #            with one GPU this checks the CUDA/AMP training path, not NCCL)
 #   compile  the bf16 training benchmark with torch.compile (slowest: compiles both models)
 # The whole script stops within BUDGET seconds (default 540, under the device tool's 10-minute command limit): each
-# step's limit is cut to what is left, and a step with under 20 s left is skipped. The machine needs torch and
-# timm >= 1.0.31 installed; nothing is installed here. $OUT/summary.txt lists each step's exit status and seconds.
-# DEVICE=cpu runs the env and grads steps on the CPU (a dry run of the script).
+# step's limit is cut to what is left, and a step with under 20 s left is skipped. The machine needs torch (2.11 or
+# newer) and timm >= 1.0.31, installed or on PYTHONPATH (which is kept); nothing is installed here.
+# $OUT/summary.txt lists each step's exit status and seconds.
+# DEVICE=cpu is a dry run on the CPU: env, grads and the sweep step's command, on small models.
 set -u
 OUT=${OUT:-device_check_out}
 PY=${PYTHON:-python3}
@@ -51,41 +56,84 @@ if torch.cuda.is_available():
 print(len(timm.list_models('vit_posattn*')), 'vit_posattn models registered')
 PYTHON
 
-step grads 90 "$PY" - <<'PYTHON'
+step grads 120 "$PY" - <<'PYTHON'
 import contextlib
 import os
 
 import torch
 import timm
 import timm_posattn  # noqa: F401
+from timm.utils import reparameterize_model
+from timm_posattn.layers import PositionalAttention, PositionalBlock
 
 device = os.environ['DEVICE']
 torch.manual_seed(0)
-model = timm.create_model('vit_posattn_small_patch16_224').to(device).train()
-batch = 16 if device == 'cuda' else 2
+if device == 'cuda':
+    model, batch = timm.create_model('vit_posattn_small_patch16_224').to(device), 16
+else:  # the dry run: the same checks on a small model
+    model, batch = timm.create_model('vit_posattn_tiny_patch16_224', depth=2), 2
 x, y = torch.randn(batch, 3, 224, 224, device=device), torch.randint(0, 1000, (batch,), device=device)
+
+
+def set_lean(on):
+    """on: the model as shipped; off: plain autograd ops everywhere (the reference)."""
+    for m in model.modules():
+        if isinstance(m, PositionalBlock):
+            m.recompute_norm = on
+        if isinstance(m, PositionalAttention):
+            if on:
+                m.__dict__.pop('_forward_lean', None)
+            else:
+                m._forward_lean = lambda *args, **kwargs: None
+
+
+model.train()
 for dtype in (None, torch.bfloat16):
     results = {}
-    for recompute in (False, True):
-        for blk in model.blocks:
-            blk.attn.recompute_attn_out = recompute
+    for lean in (False, True):
+        set_lean(lean)
         model.zero_grad(set_to_none=True)
         with torch.autocast(device, dtype=dtype) if dtype else contextlib.nullcontext():
             loss = torch.nn.functional.cross_entropy(model(x), y)
         loss.backward()
-        results[recompute] = (loss.item(), [p.grad.float().clone() for p in model.parameters() if p.grad is not None])
+        results[lean] = (loss.item(), [p.grad.float().clone() for p in model.parameters() if p.grad is not None])
     (loss0, grads0), (loss1, grads1) = results[False], results[True]
     rel = max(((a - b).norm() / a.norm().clamp_min(1e-12)).item() for a, b in zip(grads0, grads1))
-    print(f'{dtype or torch.float32}: loss {loss0:.6f} vs {loss1:.6f}, max relative grad difference {rel:.2e}')
-    assert len(grads0) == len(grads1) and abs(loss0 - loss1) <= 1e-3 * abs(loss0), 'recompute path differs'
-    assert rel < (1e-4 if dtype is None else 5e-2), 'recompute path gradients differ'
+    print(f'train {dtype or torch.float32}: loss {loss0:.6f} vs {loss1:.6f}, max relative grad difference {rel:.2e}')
+    assert len(grads0) == len(grads1) and abs(loss0 - loss1) <= 1e-3 * abs(loss0), 'memory-saving path differs'
+    assert rel < (1e-4 if dtype is None else 5e-2), 'memory-saving path gradients differ'
+
+model.eval()
+fused = reparameterize_model(model)
+with torch.no_grad():
+    for b in (1, batch):
+        for dtype in (None, torch.bfloat16):
+            with torch.autocast(device, dtype=dtype) if dtype else contextlib.nullcontext():
+                set_lean(False)
+                ref = model(x[:b]).float()
+                set_lean(True)
+                outs = {'lean': model(x[:b]).float(), 'reparameterized': fused(x[:b]).float()}
+            for name, out in outs.items():
+                err = ((out - ref).norm() / ref.norm()).item()
+                print(f'infer batch {b} {dtype or torch.float32} {name}: relative difference {err:.2e}')
+                assert err < (1e-4 if dtype is None else 5e-2), f'{name} inference differs'
 print('grads OK')
 PYTHON
 
-[ "$DEVICE" = cuda ] || { cat "$OUT/summary.txt"; exit 0; }
+if [ "$DEVICE" != cuda ]; then  # the sweep step's command, tiny, so a typo in it shows up before a GPU session
+    step sweep 120 "$PY" benchmarks/throughput.py --device cpu --models vit_posattn_tiny_patch4_32 \
+        --model-kwargs depth=1 --img-size 32 48 --batch-size 2 --train-batch-size 2 --repeats 1 \
+        --json "$OUT/sweep.json" --plot "$OUT/sweep.png" --overwrite
+    cat "$OUT/summary.txt"
+    exit 0
+fi
 
-step eager 180 "$PY" benchmarks/throughput.py --device cuda --dtype bfloat16 --batch-size 256 \
-    --models vit_posattn_small_patch16_224 --json "$OUT/bf16_eager.json"
+step sweep 240 "$PY" benchmarks/throughput.py --device cuda --dtype bfloat16 --img-size 224 384 512 \
+    --batch-size 1 32 256 --train-batch-size 64 --repeats 5 --iters 10 --json "$OUT/sweep_bf16.json" \
+    --plot "$OUT/sweep_bf16.png" --overwrite
+
+step eager 120 "$PY" benchmarks/throughput.py --device cuda --dtype bfloat16 --batch-size 256 --modes train \
+    --models vit_posattn_small_patch16_224 --json "$OUT/bf16_eager.json" --overwrite
 
 step layout 60 "$PY" benchmarks/attention_layout.py --device cuda --dtype bfloat16 -b 256 --json "$OUT/layout.json"
 
@@ -96,6 +144,6 @@ step train 150 "$PY" train.py --device cuda --amp --amp-dtype bfloat16 --epochs 
     --experiment cuda_bf16 --no-attention-plot
 
 step compile 300 "$PY" benchmarks/throughput.py --device cuda --dtype bfloat16 --batch-size 256 --compile \
-    --modes train --models vit_posattn_small_patch16_224 --json "$OUT/bf16_compile.json"
+    --modes train --models vit_posattn_small_patch16_224 --json "$OUT/bf16_compile.json" --overwrite
 
 cat "$OUT/summary.txt"

@@ -31,10 +31,11 @@ throughput = _load_script()
 pytestmark = pytest.mark.usefixtures('one_thread')
 
 
-def _check_row(row, mode, batch_size):
+def _check_row(row, mode, batch_size, variant='posattn', img_size=32, tokens=65):
     for key in throughput.ROW_KEYS:
         assert key in row, f'row lacks {key}'
-    assert row['mode'] == mode
+    assert row['mode'] == mode and row['variant'] == variant
+    assert row['img_size'] == img_size and row['tokens'] == tokens
     assert row['device'] == 'cpu' and row['dtype'] == 'float32' and row['batch_size'] == batch_size
     assert row['img_per_s'] > 0 and row['baseline_img_per_s'] > 0
     assert row['ratio'] == pytest.approx(row['img_per_s'] / row['baseline_img_per_s'], rel=1e-2)
@@ -44,13 +45,13 @@ def _check_row(row, mode, batch_size):
     param_mb = row['param_count'] * 4 / 2 ** 20
     assert row['peak_mem_mb'] > (4 if mode == 'train' else 1) * param_mb
     assert row['baseline_peak_mem_mb'] > 0
-    # mem_ratio comes from exact bytes, the MB figures are rounded to 0.01: allow for that rounding only.
-    rounding = 0.005 * (1 + row['mem_ratio']) / row['baseline_peak_mem_mb'] + 5e-4
-    assert abs(row['mem_ratio'] - row['peak_mem_mb'] / row['baseline_peak_mem_mb']) <= rounding
-    assert len(row['seconds_per_repeat']) == row['repeats'] == 1
+    assert row['mem_ratio'] == pytest.approx(row['peak_mem_bytes'] / row['baseline_peak_mem_bytes'], abs=5e-5)
+    assert row['peak_mem_mb'] == pytest.approx(row['peak_mem_bytes'] / 2 ** 20, abs=0.005)
+    assert len(row['seconds_per_repeat']) == len(row['baseline_seconds_per_repeat']) == row['repeats']
     assert row['paired_ratios'] == [pytest.approx(b / a, rel=1e-2) for a, b in zip(
         row['seconds_per_repeat'], row['baseline_seconds_per_repeat'])]
     assert row['flop_ratio'] == pytest.approx(row['baseline_gflops_per_img'] / row['gflops_per_img'], rel=1e-2)
+    assert row['ratio_of_bound'] == pytest.approx(row['ratio'] / row['flop_ratio'], rel=1e-2)
     json.dumps(row)  # every value serializable
 
 
@@ -63,6 +64,41 @@ def test_benchmark_pair_rows_schema():
         assert row['baseline'].startswith('vit_tiny_patch16_224(')
         assert 'img_size=32' in row['baseline'] and 'patch_size=4' in row['baseline'] and 'depth=2' in row['baseline']
         assert row['model_kwargs'] == {'depth': '2'}
+        assert row['speed_vs_posattn'] is None
+
+
+def test_reparameterized_variant_is_timed_in_the_same_round():
+    """Batch sizes per mode, and the reparameterized model next to the plain one where asked (inference only)."""
+    rows = throughput.benchmark_pair(TINY, batch_size=[1, 3], train_batch_size=2, reparam_batch_size=[3], warmup=1,
+                                     repeats=2, model_kwargs=TINY_KWARGS)
+    assert [(r['mode'], r['batch_size'], r['variant']) for r in rows] == [
+        ('infer', 1, 'posattn'), ('infer', 3, 'posattn'), ('infer', 3, 'reparam'), ('train', 2, 'posattn')]
+    plain, reparam = rows[1], rows[2]
+    _check_row(reparam, 'infer', 3, variant='reparam')
+    assert reparam['baseline_seconds_per_repeat'] == plain['baseline_seconds_per_repeat']  # one round, one baseline
+    assert reparam['speed_vs_posattn'] == pytest.approx(reparam['img_per_s'] / plain['img_per_s'], rel=1e-2)
+    # the baked model computes no attention from the positional table: fewer FLOPs than the plain model
+    assert reparam['gflops_per_img'] < plain['gflops_per_img']
+    assert reparam['param_count'] == plain['param_count']  # the pair's figures describe the model as built
+    assert throughput.default_reparam_batch_sizes([8, 1, 32]) == (1, 32)
+    assert throughput.default_batch_sizes((224, 224), 'infer') == (1, 8, 32)
+    assert throughput.default_batch_sizes((224, 224), 'train') == (8,)
+    assert throughput.default_batch_sizes((32, 32), 'train') == (128,)
+
+
+def test_image_size_sweep_builds_model_and_baseline_for_each_size():
+    rows = throughput.benchmark_pair(TINY, modes=['infer'], batch_size=2, img_size=48, warmup=1, repeats=1,
+                                     measure_memory=False, model_kwargs=TINY_KWARGS, timer='process')
+    assert len(rows) == 1
+    row = rows[0]
+    assert row['timer'] == 'process' and row['seconds_per_repeat'][0] > 0
+    with pytest.raises(ValueError, match="'process' on the cpu"):
+        throughput.benchmark_pair(TINY, device='cuda', timer='process', model_kwargs=TINY_KWARGS)
+    assert row['img_size'] == 48 and row['tokens'] == 1 + 12 * 12
+    assert 'img_size=48' in row['baseline'] and row['model_kwargs']['img_size'] == '48'
+    assert row['peak_mem_mb'] is None and row['mem_ratio'] is None
+    with pytest.raises(ValueError, match='either as img_size or in model_kwargs'):
+        throughput.benchmark_pair(TINY, img_size=48, model_kwargs=dict(img_size=32))
 
 
 def test_timm_baseline_has_identical_architecture():
@@ -123,47 +159,96 @@ def test_cpu_allocator_peak_counts_live_bytes():
     assert throughput.cpu_allocator_peak(allocate) == 12_000_000
 
 
-def test_main_writes_json_and_table(tmp_path, capsys):
-    out = tmp_path / 'sub' / 'out.json'
-    payload = throughput.main([
-        '--models', TINY, '--baseline', 'twin', '--batch-size', '3', '--repeats', '1', '--modes', 'infer',
-        '--model-kwargs', 'depth=1', '--num-threads', '1', '--json', str(out)])
+def test_main_writes_json_plot_and_table(tmp_path, capsys):
+    out, png = tmp_path / 'sub' / 'out.json', tmp_path / 'sub' / 'sweep.png'
+    argv = ['--models', TINY, '--baseline', 'twin', '--img-size', '32', '48', '--batch-size', '3', '--repeats', '1',
+            '--modes', 'infer', '--model-kwargs', 'depth=1', '--num-threads', '1', '--json', str(out),
+            '--plot', str(png)]
+    payload = throughput.main(argv)
     printed = capsys.readouterr().out
-    assert '| model | baseline | mode |' in printed and f'| {TINY} | {TINY}(pos_attn_layers=none) | infer | 3 |' in printed
+    assert '| model | variant | baseline | img | N | mode | batch |' in printed
+    assert f'| {TINY} | posattn | {TINY}(pos_attn_layers=none) | 32 | 65 | infer | 3 |' in printed
     saved = json.loads(out.read_text())
     assert saved == json.loads(json.dumps(payload))
-    assert set(saved) == {'environment', 'rows', 'seconds_total'}
-    for key in ('command', 'cpu', 'cpu_count', 'num_threads', 'torch', 'timm', 'timm_posattn'):
+    assert set(saved) == {'environment', 'rows', 'targets', 'seconds_total'}
+    assert saved['targets'] == []  # the issue's targets are for ViT-S/16 against timm's ViT
+    for key in ('command', 'cpu', 'cpu_count', 'num_threads', 'torch', 'timm', 'timm_posattn', 'load_average',
+                'load_average_end'):
         assert key in saved['environment']
-    assert saved['environment']['command'].endswith(f'throughput.py --models {TINY} --baseline twin --batch-size 3 '
-                                                    f'--repeats 1 --modes infer --model-kwargs depth=1 '
-                                                    f'--num-threads 1 --json {out}')
-    assert len(saved['rows']) == 1
+    assert saved['environment']['command'].endswith('throughput.py ' + ' '.join(argv))
+    # per size: the plain model, and the reparameterized one at the (only, so largest) batch
+    assert [(r['img_size'], r['variant']) for r in saved['rows']] == [
+        (32, 'posattn'), (32, 'reparam'), (48, 'posattn'), (48, 'reparam')]
     _check_row(saved['rows'][0], 'infer', 3)
-    assert not [p for p in os.listdir(out.parent) if p != 'out.json'], 'temp file left behind'
+    _check_row(saved['rows'][2], 'infer', 3, img_size=48, tokens=145)
+    assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    assert sorted(os.listdir(out.parent)) == ['out.json', 'sweep.png'], 'temp file left behind'
+    # the files are the user's now: refused before any work unless --overwrite
+    with pytest.raises(throughput.UsageError, match=r'already holds out.json .* --overwrite'):
+        throughput.main(argv)
 
 
-def test_main_rejects_bad_input():
-    with pytest.raises(SystemExit, match='unknown model'):
+def test_main_rejects_bad_input(capsys):
+    with pytest.raises(throughput.UsageError, match='unknown model'):
         throughput.main(['--models', 'vit_posattn_nonexistent'])
-    with pytest.raises(SystemExit, match='batch-size'):
-        throughput.main(['--models', TINY, '--batch-size', '0'])
+    with pytest.raises(throughput.UsageError, match='not both'):
+        throughput.main(['--models', TINY, '--img-size', '48', '--model-kwargs', 'img_size=32'])
+    for bad in (['--batch-size', '0'], ['--img-size', '-1'], ['--repeats', '0'], ['--reparam-batch-size', 'x']):
+        with pytest.raises(SystemExit) as exc:
+            throughput.main(['--models', TINY] + bad)
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith('error: argument ') and len(err.strip().splitlines()) == 1
     with pytest.raises(ValueError, match='dtype must be one of'):
         throughput.benchmark_pair(TINY, dtype='int8', model_kwargs=TINY_KWARGS)
     with pytest.raises(ValueError, match='repeats'):
         throughput.benchmark_pair(TINY, repeats=0, model_kwargs=TINY_KWARGS)
+    with pytest.raises(ValueError, match='batch sizes must be >= 1'):
+        throughput.benchmark_pair(TINY, batch_size=[2, 0], model_kwargs=TINY_KWARGS)
+
+
+def test_targets_are_read_off_the_issue_rows():
+    def row(variant, mode, img, batch, **metrics):
+        return dict(model='vit_posattn_small_patch16_224', variant=variant, mode=mode, img_size=img, batch_size=batch,
+                    baseline_kind='timm', device='cpu', dtype='float32', compile=False, ratio_of_bound=None,
+                    mem_ratio=None, ratio=None, **{k: v for k, v in metrics.items()})
+    rows = [
+        dict(row('posattn', 'infer', 384, 8), ratio=1.2, ratio_of_bound=0.96, mem_ratio=1.01),
+        dict(row('posattn', 'infer', 384, 1), ratio=1.0, ratio_of_bound=1.0, mem_ratio=0.99),  # no speed target at 1
+        dict(row('posattn', 'train', 224, 8), ratio=1.1, ratio_of_bound=0.94, mem_ratio=0.9),
+        dict(row('reparam', 'infer', 384, 1), ratio=1.09, ratio_of_bound=0.9, mem_ratio=2.0),
+        dict(row('reparam', 'infer', 224, 1), ratio=1.0, ratio_of_bound=0.9, mem_ratio=1.5),
+        dict(row('posattn', 'infer', 224, 8), ratio=9.0, ratio_of_bound=9.0, mem_ratio=9.0, baseline_kind='self'),
+    ]
+    results = throughput.check_targets(rows)
+    got = {(r['target'].split(' (')[0].split(' >=')[0].split(' <=')[0], r['img_size'], r['batch_size']): r['met']
+           for r in results}
+    assert got == {
+        ('inference speed ratio', 384, 8): True,
+        ('inference peak memory', 384, 8): False,
+        ('inference peak memory', 384, 1): True,
+        ('training speed ratio', 224, 8): False,
+        ('training peak memory', 224, 8): True,  # 0.9 is within "<= 0.9x"
+        ('reparameterized batch-1 speed ratio', 384, 1): False,
+        ('reparameterized batch-1 speed ratio', 224, 1): True,
+    }
+    text = throughput.targets_text(results)
+    assert 'MISSED inference peak memory <= 1.0x: mem_ratio 1.01 at 384 px, batch 8' in text
+    assert text.endswith('4 of 7 target checks met')
 
 
 def test_markdown_table_one_line_per_row():
-    row = dict(model='a', baseline='b', mode='infer', batch_size=4, img_per_s=150.0, baseline_img_per_s=100.0,
-               ratio=1.5, peak_mem_mb=90.0, baseline_peak_mem_mb=100.0, mem_ratio=0.9)
-    table = throughput.markdown_table([row, dict(row, mode='train', peak_mem_mb=None, mem_ratio=None, flop_ratio=1.2)])
+    row = dict(model='a', variant='posattn', baseline='b', img_size=224, tokens=197, mode='infer', batch_size=4,
+               img_per_s=150.0, baseline_img_per_s=100.0, ratio=1.5, peak_mem_mb=90.0, baseline_peak_mem_mb=100.0,
+               mem_ratio=0.9)
+    table = throughput.markdown_table([
+        row, dict(row, mode='train', peak_mem_mb=None, mem_ratio=None, flop_ratio=1.2, ratio_of_bound=1.25)])
     lines = table.splitlines()
     assert len(lines) == 4
-    assert lines[2] == '| a | b | infer | 4 | 150.0 | 100.0 | 1.50 | - | 90 | 100 | 0.90 |'
+    assert lines[2] == '| a | posattn | b | 224 | 197 | infer | 4 | 150.0 | 100.0 | 1.50 | - | - | 90 | 100 | 0.90 |'
     spread = throughput.markdown_table([dict(row, paired_ratios=[1.4, 1.7, 1.5])]).splitlines()[2]
     assert '| 1.50 (1.40-1.70) |' in spread
-    assert lines[3].endswith('| 1.50 | 1.20 | - | 100 | - |')
+    assert lines[3].endswith('| 1.50 | 1.20 | 1.25 | - | 100 | - |')
 
 
 def test_step_flops_of_timm_vit_match_the_formula():
@@ -226,7 +311,7 @@ def test_device_check_script_dry_run_on_cpu(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = (tmp_path / 'summary.txt').read_text().split('\n')
-    assert [line.split()[:2] for line in summary if line] == [['env', 'rc=0'], ['grads', 'rc=0']]
+    assert [line.split()[:2] for line in summary if line] == [['env', 'rc=0'], ['grads', 'rc=0'], ['sweep', 'rc=0']]
     assert 'grads OK' in (tmp_path / 'grads.log').read_text()
 
 
@@ -244,3 +329,21 @@ def test_attention_layout_channels_first_is_the_model_attention():
         expected = module(x, x.new_zeros(1, 5, 8), (2, 2))
         for name in ('model', 'channels_first'):
             torch.testing.assert_close(variants[name](attn, x, None), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_onnx_throughput_script_exports_both_models_alike(tmp_path):
+    """ours (reparameterized) and timm's ViT exported by the same function, each checked, then timed in turns."""
+    pytest.importorskip('onnx')
+    pytest.importorskip('onnxruntime')
+    onnx_throughput = _load_script('onnx_throughput')
+    out = tmp_path / 'onnx.json'
+    payload = onnx_throughput.main(['--models', TINY, '--img-size', '32', '--batch-size', '2', '--threads', '1',
+                                    '--repeats', '2', '--json', str(out)])
+    (row,) = payload['rows']
+    assert row['variant'] == 'reparam_onnx' and row['img_size'] == 32 and row['tokens'] == 65
+    assert row['img_per_s'] > 0 and row['baseline_img_per_s'] > 0 and len(row['paired_ratios']) == 2
+    assert row['baseline'].startswith('vit_tiny_patch16_224(img_size=32')
+    assert all(diff <= 1e-4 for diff in row['onnx_max_abs_diff'])
+    assert row['flop_ratio'] > 1  # the baked model computes no attention from the positional table
+    assert json.loads(out.read_text())['environment']['onnxruntime']
+    assert os.listdir(tmp_path) == ['onnx.json']  # the exported files lived in a temporary folder

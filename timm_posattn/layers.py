@@ -27,8 +27,8 @@ from timm.layers import DropPath, LayerNorm, LayerScale, Mlp, trunc_normal_
 __all__ = [
     'PositionalAttentionMap', 'QKAttentionMap', 'TiedAttentionMap', 'LogitsAttentionMap', 'FixedAttentionMap',
     'PositionalAttention', 'PositionalBlock', 'register_pos_attn_layer', 'get_pos_attn_layer',
-    'list_pos_attn_layers', 'infer_pos_attn_layer', 'apply_positional_attention', 'positional_attention_proj',
-    'resample_logit_table',
+    'list_pos_attn_layers', 'infer_pos_attn_layer', 'apply_positional_attention', 'apply_attention_by_head',
+    'attend_one_image', 'head_attention', 'positional_attention_proj', 'resample_logit_table',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -38,6 +38,11 @@ PosSource = Callable[[], Tuple[torch.Tensor, GridSize]]
 
 # FX symbolic tracing turns parameters into proxies: the custom autograd path is for eager autograd only.
 _is_fx_tracing = getattr(torch.fx._symbolic_trace, 'is_fx_symbolic_tracing', torch.fx._symbolic_trace.is_fx_tracing)
+
+
+def _is_tracing() -> bool:
+    """FX or TorchScript tracing (which ONNX export uses): record the plain ops, valid for any batch size."""
+    return _is_fx_tracing() or torch.jit.is_tracing()
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -144,7 +149,24 @@ class PositionalAttentionMap(nn.Module):
         """Pre-softmax attention logits (H, N, N) from P (1, N, C) or (N, C) of `grid_size`."""
         raise NotImplementedError
 
-    def forward(self, pos: torch.Tensor, grid_size: GridSize) -> torch.Tensor:
+    def query_key(self, pos: torch.Tensor, grid_size: GridSize) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """Per-head positional queries and keys (H, N, d) with `logits = q @ kᵀ` (the scale folded into q), for
+        maps whose logits are such a product; None for the others.
+
+        With them the attention layer never has to hold A: without autograd it builds A one head at a time, and
+        in training it keeps q and k (2·N·C numbers) for backward instead of A (H·N² numbers).
+        """
+        return None
+
+    def forward(
+            self,
+            pos: torch.Tensor,
+            grid_size: GridSize,
+            query_key: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    ) -> torch.Tensor:
+        """A (H, N, N); from `query_key` (this layer's `query_key(pos, grid_size)`) when the caller has them."""
+        if query_key is not None:
+            return (query_key[0] @ query_key[1].transpose(-2, -1)).softmax(dim=-1)
         return self.logits(pos, grid_size).softmax(dim=-1)
 
     @torch.jit.ignore
@@ -214,10 +236,14 @@ class QKAttentionMap(PositionalAttentionMap):
         self.norm = norm_layer(dim, **dd) if pos_norm else nn.Identity()
         self.qk = nn.Linear(dim, dim * 2, bias=bias, **dd)  # acts on the N positional rows only
 
-    def logits(self, pos: torch.Tensor, grid_size: GridSize) -> torch.Tensor:
+    def query_key(self, pos: torch.Tensor, grid_size: GridSize) -> Tuple[torch.Tensor, torch.Tensor]:
         N = pos.shape[-2]
         q, k = self.qk(self.norm(pos)).reshape(N, 2, self.num_heads, self.head_dim).permute(1, 2, 0, 3).unbind(0)
-        return (q * self.scale) @ k.transpose(-2, -1)
+        return q * self.scale, k
+
+    def logits(self, pos: torch.Tensor, grid_size: GridSize) -> torch.Tensor:
+        q, k = self.query_key(pos, grid_size)
+        return q @ k.transpose(-2, -1)
 
     @torch.jit.ignore
     @torch.no_grad()
@@ -263,11 +289,15 @@ class TiedAttentionMap(PositionalAttentionMap):
         self.norm = norm_layer(dim, **dd) if pos_norm else nn.Identity()
         self.w = nn.Linear(dim, dim, bias=bias, **dd)
 
-    def logits(self, pos: torch.Tensor, grid_size: GridSize) -> torch.Tensor:
+    def query_key(self, pos: torch.Tensor, grid_size: GridSize) -> Tuple[torch.Tensor, torch.Tensor]:
         N = pos.shape[-2]
         # the scale is split over both factors so the product is exactly a Gram matrix
         q = self.w(self.norm(pos)).reshape(N, self.num_heads, self.head_dim).transpose(0, 1) * self.scale ** 0.5
-        return q @ q.transpose(-2, -1)
+        return q, q
+
+    def logits(self, pos: torch.Tensor, grid_size: GridSize) -> torch.Tensor:
+        q, k = self.query_key(pos, grid_size)
+        return q @ k.transpose(-2, -1)
 
     @torch.jit.ignore
     @torch.no_grad()
@@ -428,7 +458,12 @@ class FixedAttentionMap(PositionalAttentionMap):
     def logits(self, pos: torch.Tensor, grid_size: GridSize) -> torch.Tensor:
         return self.forward(pos, grid_size).log()
 
-    def forward(self, pos: torch.Tensor, grid_size: GridSize) -> torch.Tensor:
+    def forward(
+            self,
+            pos: torch.Tensor,
+            grid_size: GridSize,
+            query_key: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    ) -> torch.Tensor:
         torch._assert(
             grid_size[0] == self.grid_size[0] and grid_size[1] == self.grid_size[1],
             'this positional attention was reparameterized (baked) for one patch grid and serves no other; '
@@ -479,13 +514,56 @@ def apply_positional_attention(attn: torch.Tensor, v: torch.Tensor, num_heads: i
     return _from_heads(torch.bmm(attn.to(v.dtype), _to_heads(v, num_heads)), v.shape[0], v.shape[2])
 
 
+def head_attention(query_key: Tuple[torch.Tensor, torch.Tensor], head: int) -> torch.Tensor:
+    """One head's attention (N, N) from positional queries and keys (H, N, d).
+
+    The one definition that inference without autograd and `PositionalAttention.reparameterize()` share, so a
+    reparameterized model computes exactly what the model computed.
+    """
+    q, k = query_key
+    return (q[head] @ k[head].transpose(0, 1)).softmax(dim=-1)
+
+
+def apply_attention_by_head(
+        attn_of_head: Callable[[int], torch.Tensor],
+        v: torch.Tensor,
+        num_heads: int,
+) -> torch.Tensor:
+    """Apply per-head attention, shared by the whole batch, to values (B, N, C), one head at a time (no autograd).
+
+    The same (N, N) @ (N, B·d_head) GEMM per head as `apply_positional_attention`, but `attn_of_head(h)` may build
+    each head's A just before it is used, so that only one head's (N, N) matrix ever exists: at high resolution and
+    small batches the full (H, N, N) would outweigh the activations of a whole block.
+    """
+    B, N, C = v.shape
+    v_heads = _to_heads(v, num_heads)
+    del v  # the head-major copy is all the loop needs
+    out = torch.empty_like(v_heads)
+    for h in range(num_heads):
+        torch.mm(attn_of_head(h).to(v_heads.dtype), v_heads[h], out=out[h])
+    return _from_heads(out, B, C)
+
+
+def attend_one_image(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """softmax(q·kᵀ)·V for a batch of one image (1, N, C): nothing to share, so timm's fused SDPA kernel does it
+    without ever materializing A (the scale is already in q)."""
+    N, C = v.shape[1], v.shape[2]
+    v = v.view(1, N, num_heads, C // num_heads).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q.unsqueeze(0).to(v.dtype), k.unsqueeze(0).to(v.dtype), v, scale=1.0)
+    return out.transpose(1, 2).reshape(1, N, C)
+
+
 class _PositionalAttentionProj(torch.autograd.Function):
-    """`proj(apply_positional_attention(attn, v))` that stores no attention output for backward.
+    """`proj(apply_positional_attention(attn, v))` that stores neither A·V nor, given q and k, A for backward.
+
+    Without a projection (`weight` None) it is `apply_positional_attention(attn, v)` alone, for the q and k path.
 
     Autograd would keep the mixed tokens A·V (B, N, C) alive for the projection's weight gradient. Here A is shared
-    by the whole batch and already saved, so backward recomputes A·V with one bmm (under 2% of a CPU training step)
-    and each positional block stores one (B, N, C) activation less. The backward uses plain differentiable ops, so
-    double backward works. All matmuls run in the dtype of `v` (the autocast compute dtype when autocast is on).
+    by the whole batch, so backward recomputes A·V with one bmm (under 2% of a CPU training step) and each positional
+    block stores one (B, N, C) activation less. Given the positional queries and keys that A = softmax(q·kᵀ) came
+    from, `attn` is only used forward and backward recomputes it from q and k (N·N·C multiply-adds once per batch):
+    each block keeps 2·N·C numbers instead of H·N² (at 512 px, 25 MB per block). The backward uses plain
+    differentiable ops, so double backward works. All matmuls run in the dtype of `v` (the autocast compute dtype).
     """
     generate_vmap_rule = True  # torch.func transforms (e.g. per-sample gradients with vmap(grad(...))) work too
 
@@ -493,71 +571,157 @@ class _PositionalAttentionProj(torch.autograd.Function):
     def forward(
             attn: torch.Tensor,
             v: torch.Tensor,
-            weight: torch.Tensor,
+            weight: Optional[torch.Tensor],
             bias: Optional[torch.Tensor],
             num_heads: int,
+            q: Optional[torch.Tensor] = None,
+            k: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         x = apply_positional_attention(attn, v, num_heads)
+        if weight is None:
+            return x
         return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        attn, v, weight, bias, num_heads = inputs
+        attn, v, weight, bias, num_heads, q, k = (tuple(inputs) + (None, None))[:7]
+        ctx.num_inputs = len(inputs)
         ctx.num_heads = num_heads
         ctx.has_bias = bias is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.save_for_backward(attn, v, weight)
+        ctx.attn_dtype = attn.dtype
+        ctx.from_query_key = q is not None
+        if q is not None:
+            ctx.save_for_backward(q, k, v, weight)
+        else:
+            ctx.save_for_backward(attn, v, weight)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        attn, v, weight = ctx.saved_tensors
-        device_type = v.device.type
+        device_type = grad_out.device.type
         if device_type in ('cpu', 'cuda') and torch.is_autocast_enabled(device_type):
             with torch.autocast(device_type, enabled=False):  # keep the forward's compute dtype
-                grads = _positional_attention_proj_backward(ctx, grad_out, attn, v, weight)
-        else:
-            grads = _positional_attention_proj_backward(ctx, grad_out, attn, v, weight)
-        return grads + (None,)
+                return _positional_attention_proj_backward(ctx, grad_out)
+        return _positional_attention_proj_backward(ctx, grad_out)
 
 
-def _positional_attention_proj_backward(
-        ctx,
-        grad_out: torch.Tensor,
-        attn: torch.Tensor,
-        v: torch.Tensor,
-        weight: torch.Tensor,
-) -> Tuple[Optional[torch.Tensor], ...]:
-    """Gradients of `_PositionalAttentionProj` for (attn, v, weight, bias), computed in the dtype of `v`."""
+def _positional_attention_proj_backward(ctx, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
+    """Gradients of `_PositionalAttentionProj` for (attn, v, weight, bias, num_heads, q, k), in the dtype of `v`."""
+    if ctx.from_query_key:
+        q, k, v, weight = ctx.saved_tensors
+        # A exactly as the forward built it: logits in the dtype of q and k, softmax in the dtype of A
+        attn = (q @ k.transpose(-2, -1)).to(ctx.attn_dtype).softmax(dim=-1)
+        needs_attn_grad = ctx.needs_input_grad[5] or ctx.needs_input_grad[6]
+    else:
+        attn, v, weight = ctx.saved_tensors
+        q = k = None
+        needs_attn_grad = ctx.needs_input_grad[0]
     B, N, C = v.shape
     dtype = v.dtype
     grad_out = grad_out.to(dtype)
     attn_c = attn.to(dtype)
-    v_heads = _to_heads(v, ctx.num_heads)
-    grad_attn = grad_v = grad_weight = grad_bias = None
-    if ctx.needs_input_grad[2]:
+    grad_attn = grad_v = grad_weight = grad_bias = grad_q = grad_k = None
+    if weight is not None and ctx.needs_input_grad[2]:
         x = apply_positional_attention(attn_c, v, ctx.num_heads)  # the recompute
         grad_weight = (grad_out.reshape(B * N, C).t() @ x.reshape(B * N, C)).to(weight.dtype)
     if ctx.has_bias and ctx.needs_input_grad[3]:
         grad_bias = grad_out.sum(dim=(0, 1), dtype=ctx.bias_dtype)
-    if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-        grad_x = _to_heads(grad_out @ weight.to(dtype), ctx.num_heads)
-        if ctx.needs_input_grad[0]:
-            grad_attn = torch.bmm(grad_x, v_heads.transpose(1, 2)).to(attn.dtype)
+    if needs_attn_grad or ctx.needs_input_grad[1]:
+        grad_mixed = grad_out if weight is None else grad_out @ weight.to(dtype)
+        if needs_attn_grad:
+            grad_attn = torch.bmm(_to_heads(grad_mixed, ctx.num_heads), _to_heads(v, ctx.num_heads).transpose(1, 2))
+            grad_attn = grad_attn.to(attn.dtype)
         if ctx.needs_input_grad[1]:
-            grad_v = apply_positional_attention(attn_c.transpose(1, 2), grad_out @ weight.to(dtype), ctx.num_heads)
-    return grad_attn, grad_v, grad_weight, grad_bias
+            grad_v = apply_positional_attention(attn_c.transpose(1, 2), grad_mixed, ctx.num_heads)
+    if ctx.from_query_key and grad_attn is not None:
+        # softmax backward, then the product q·kᵀ
+        grad_logits = (attn * (grad_attn - (grad_attn * attn).sum(dim=-1, keepdim=True))).to(q.dtype)
+        grad_q = grad_logits @ k if ctx.needs_input_grad[5] else None
+        grad_k = grad_logits.transpose(-2, -1) @ q if ctx.needs_input_grad[6] else None
+        grad_attn = None
+    return (grad_attn, grad_v, grad_weight, grad_bias, None, grad_q, grad_k)[:ctx.num_inputs]
 
 
 @torch.jit.unused
 def positional_attention_proj(
         attn: torch.Tensor,
         v: torch.Tensor,
-        weight: torch.Tensor,
+        weight: Optional[torch.Tensor],
         bias: Optional[torch.Tensor],
         num_heads: int,
+        query_key: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> torch.Tensor:
-    """`linear(apply_positional_attention(attn, v), weight, bias)` that recomputes A·V in backward, not stores it."""
-    return _PositionalAttentionProj.apply(attn, v, weight, bias, num_heads)
+    """`linear(apply_positional_attention(attn, v), weight, bias)` that recomputes A·V in backward, not stores it.
+
+    With `query_key` (q, k such that attn = softmax(q @ kᵀ)), gradients flow to q and k, not to `attn` (pass it
+    detached): A itself is recomputed in backward instead of stored. `weight` None: no projection.
+    """
+    if query_key is None:
+        return _PositionalAttentionProj.apply(attn, v, weight, bias, num_heads)
+    return _PositionalAttentionProj.apply(attn, v, weight, bias, num_heads, query_key[0], query_key[1])
+
+
+class _LayerNormLinear(torch.autograd.Function):
+    """`linear(layer_norm(x))` that keeps x, not its normalized copy, for backward.
+
+    Autograd would store both x (for the norm's backward) and layer_norm(x) (for the linear's weight gradient).
+    Backward renormalizes x instead (one elementwise pass), so a positional block, whose value projection is the only
+    consumer of its first norm, stores one (B, N, C) activation less. Norm in the dtype of x, the linear in the dtype
+    autocast gave the forward's output; plain differentiable ops, so double backward and torch.func work.
+    """
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(
+            x: torch.Tensor,
+            norm_weight: Optional[torch.Tensor],
+            norm_bias: Optional[torch.Tensor],
+            eps: float,
+            weight: torch.Tensor,
+            bias: Optional[torch.Tensor],
+    ) -> torch.Tensor:
+        return F.linear(F.layer_norm(x, x.shape[-1:], norm_weight, norm_bias, eps), weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, norm_weight, norm_bias, eps, weight, bias = inputs
+        ctx.eps = eps
+        ctx.has_bias = bias is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.save_for_backward(x, norm_weight, norm_bias, weight)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        device_type = grad_out.device.type
+        if device_type in ('cpu', 'cuda') and torch.is_autocast_enabled(device_type):
+            with torch.autocast(device_type, enabled=False):  # keep the forward's dtypes
+                return _layer_norm_linear_backward(ctx, grad_out)
+        return _layer_norm_linear_backward(ctx, grad_out)
+
+
+def _layer_norm_linear_backward(ctx, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
+    x, norm_weight, norm_bias, weight = ctx.saved_tensors
+    C, out_features = x.shape[-1], weight.shape[0]
+    x_norm, mean, rstd = torch.native_layer_norm(x, (C,), norm_weight, norm_bias, ctx.eps)  # the recompute
+    dtype = grad_out.dtype  # the linear's compute dtype
+    grad_x = grad_norm_weight = grad_norm_bias = grad_weight = grad_bias = None
+    if ctx.needs_input_grad[4]:
+        grad_weight = (grad_out.reshape(-1, out_features).t() @ x_norm.reshape(-1, C).to(dtype)).to(weight.dtype)
+    if ctx.has_bias and ctx.needs_input_grad[5]:
+        grad_bias = grad_out.reshape(-1, out_features).sum(dim=0, dtype=ctx.bias_dtype)
+    mask = [ctx.needs_input_grad[0], norm_weight is not None and ctx.needs_input_grad[1],
+            norm_bias is not None and ctx.needs_input_grad[2]]
+    if any(mask):
+        grad_x_norm = (grad_out @ weight.to(dtype)).to(x_norm.dtype)
+        grad_x, grad_norm_weight, grad_norm_bias = torch.ops.aten.native_layer_norm_backward(
+            grad_x_norm, x, [C], mean, rstd, norm_weight, norm_bias, mask)
+    return grad_x, grad_norm_weight, grad_norm_bias, None, grad_weight, grad_bias
+
+
+@torch.jit.unused
+def layer_norm_linear(x: torch.Tensor, norm: nn.LayerNorm, linear: nn.Linear) -> torch.Tensor:
+    """`linear(norm(x))` for a plain LayerNorm over the last dimension, storing x rather than norm(x) for backward."""
+    return _LayerNormLinear.apply(x, norm.weight, norm.bias, norm.eps, linear.weight, linear.bias)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -617,29 +781,81 @@ class PositionalAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
         # Recompute A·V in backward rather than store it: one (B, N, C) activation less per block, one extra bmm.
+        # (A itself is never stored for layers with positional queries and keys: backward recomputes it from them.)
         self.recompute_attn_out = True
         # Set by the model that owns this layer: returns (positional table, grid) of the model's own grid, so that
         # reparameterize() (which timm calls without arguments) can compute A. A bound method of the model, so deep
         # copies (EMA, reparameterize_model) follow the copy.
         self.pos_source: Optional[PosSource] = None
 
+    def _values(self, x: torch.Tensor, values_given: bool) -> torch.Tensor:
+        return x if values_given else self.v(x)
+
     @torch.jit.unused
-    def _recompute_mix(self) -> bool:
-        """Use the memory-saving autograd path: eager autograd with a plain Linear projection.
+    def _forward_lean(
+            self,
+            x: torch.Tensor,
+            pos: torch.Tensor,
+            grid_size: GridSize,
+            values_given: bool = False,
+    ) -> Optional[torch.Tensor]:
+        """The forward that never holds A for longer than it must; None where it does not apply and the plain forward
+        runs: FX or TorchScript tracing (ONNX export), torch.compile training (which plans its own recomputation), and
+        training with attention dropout but without the A·V recompute.
 
-        FX and torch.compile trace the plain ops instead (torch.compile plans its own recomputation).
+        Without autograd, A is built and applied one head at a time (a single image goes through SDPA). With eager
+        autograd, A is recomputed in backward from the positional q and k instead of stored, and with
+        `recompute_attn_out` (and a plain Linear projection) so is A·V.
         """
-        if _is_fx_tracing() or torch.compiler.is_compiling():
-            return False
-        return self.recompute_attn_out and torch.is_grad_enabled() and type(self.proj) is nn.Linear
-
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, grid_size: GridSize) -> torch.Tensor:
-        attn = self.attn_drop(self.pos_map(pos, grid_size))
+        if _is_tracing():
+            return None
+        dropout = self.training and self.attn_drop.p > 0  # a dropped A cannot be rebuilt head by head or in backward
         # self.v(x) is passed straight on, never bound to a name: the values are freed as soon as they are mixed
-        if not torch.jit.is_scripting() and self._recompute_mix():
-            x = positional_attention_proj(attn, self.v(x), self.proj.weight, self.proj.bias, self.num_heads)
+        if not torch.is_grad_enabled():
+            if dropout:
+                return None
+            query_key = self.pos_map.query_key(pos, grid_size)
+            if query_key is not None and x.shape[0] == 1:
+                return self.proj(attend_one_image(
+                    query_key[0], query_key[1], self._values(x, values_given), self.num_heads))
+            if query_key is not None:
+                attn_of_head = lambda h: head_attention(query_key, h)  # noqa: E731
+            else:
+                attn = self.pos_map(pos, grid_size)
+                attn_of_head = attn.__getitem__
+            return self.proj(apply_attention_by_head(attn_of_head, self._values(x, values_given), self.num_heads))
+        if torch.compiler.is_compiling():
+            return None
+        fuse_proj = self.recompute_attn_out and type(self.proj) is nn.Linear
+        query_key = None if dropout else self.pos_map.query_key(pos, grid_size)
+        if query_key is None:
+            if not fuse_proj:
+                return None
+            attn = self.attn_drop(self.pos_map(pos, grid_size))
         else:
-            x = self.proj(apply_positional_attention(attn, self.v(x), self.num_heads))
+            with torch.no_grad():  # used forward only: backward recomputes it from q and k
+                attn = self.pos_map(pos, grid_size, query_key=(query_key[0].detach(), query_key[1].detach()))
+        if fuse_proj:
+            return positional_attention_proj(
+                attn, self._values(x, values_given), self.proj.weight, self.proj.bias, self.num_heads, query_key)
+        return self.proj(positional_attention_proj(attn, self._values(x, values_given), None, None, self.num_heads,
+                                                   query_key))
+
+    def forward(
+            self,
+            x: torch.Tensor,
+            pos: torch.Tensor,
+            grid_size: GridSize,
+            values_given: bool = False,
+    ) -> torch.Tensor:
+        """x: normalized tokens (B, N, C), or with `values_given` their value projection already (the block's
+        norm-recompute path computes it)."""
+        if not torch.jit.is_scripting():
+            out = self._forward_lean(x, pos, grid_size, values_given)
+            if out is not None:
+                return self.proj_drop(out)
+        attn = self.attn_drop(self.pos_map(pos, grid_size))
+        x = self.proj(apply_positional_attention(attn, self._values(x, values_given), self.num_heads))
         return self.proj_drop(x)
 
     @torch.jit.ignore
@@ -661,7 +877,11 @@ class PositionalAttention(nn.Module):
                                'use timm.utils.reparameterize_model(model)')
         pos, grid_size = self.pos_source()
         with torch.no_grad():
-            attn = self.pos_map(pos, grid_size).detach().clone()
+            query_key = self.pos_map.query_key(pos, grid_size)
+            if query_key is None:
+                attn = self.pos_map(pos, grid_size).detach().clone()
+            else:  # head by head, exactly as the forward without autograd builds it
+                attn = torch.stack([head_attention(query_key, h) for h in range(self.num_heads)])
         self.pos_map = FixedAttentionMap(attn, grid_size, self.pos_map.num_prefix_tokens)
 
     @torch.jit.ignore
@@ -746,8 +966,29 @@ class PositionalBlock(nn.Module):
         )
         self.ls2 = LayerScale(dim, init_values=init_values, **dd) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        # Recompute norm1(x) in backward rather than store it (eager autograd, plain LayerNorm and value Linear):
+        # one (B, N, C) activation less per block, one elementwise pass more. norm1 and attn.v then run inside
+        # `layer_norm_linear` (their own forward hooks do not fire); attn is called with the values.
+        self.recompute_norm = True
+
+    @torch.jit.unused
+    def _recompute_norm(self) -> bool:
+        if not (self.recompute_norm and torch.is_grad_enabled()) or _is_tracing() or torch.compiler.is_compiling():
+            return False
+        norm = self.norm1
+        return (type(norm) in (nn.LayerNorm, LayerNorm) and not getattr(norm, '_fast_norm', False)
+                and len(norm.normalized_shape) == 1 and type(self.attn.v) is nn.Linear)
+
+    def _attention(self, x: torch.Tensor, pos: torch.Tensor, grid_size: GridSize) -> torch.Tensor:
+        """attn(norm1(x)), through `layer_norm_linear` when norm1 is recomputed in backward.
+
+        Returned, never bound to a name in `forward`: the output is freed by the residual add, before the MLP runs.
+        """
+        if not torch.jit.is_scripting() and self._recompute_norm():
+            return self.attn(layer_norm_linear(x, self.norm1, self.attn.v), pos, grid_size, values_given=True)
+        return self.attn(self.norm1(x), pos, grid_size)
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, grid_size: GridSize) -> torch.Tensor:
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), pos, grid_size)))
+        x = x + self.drop_path1(self.ls1(self._attention(x, pos, grid_size)))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x
