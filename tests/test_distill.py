@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 from torchvision import transforms
 
@@ -157,6 +158,25 @@ def test_feature_distillation_saves_the_student_and_its_projection(teacher, tmp_
     for ema, state in restored:
         saved = ckpt['task_state_ema' if ema else 'task_state']['projection']
         assert torch.equal(state['projection']['weight'], saved['weight'])
+
+
+def test_imagenet_recipe_takes_the_converted_vit_small():
+    """configs/imagenet_convert_small.yaml: its model has exactly the weights `timm_posattn.convert` writes for
+    vit_small_patch16_224, its inputs are normalized as the source's (so DistillationTeacher passes them unchanged),
+    and it distills from that source."""
+    from timm_posattn.convert import twin_kwargs
+    args = train.parse_args(['-c', str(REPO / 'configs' / 'imagenet_convert_small.yaml'), '--data-dir', 'imagenet'])
+    train.resolve_defaults(args)
+    train.check_args(args)
+    assert args.kd_model_name == 'vit_small_patch16_224.augreg_in21k_ft_in1k' and args.kd_distill_type == 'logit'
+    source_cfg = timm.get_pretrained_cfg(args.kd_model_name)
+    assert tuple(args.mean) == source_cfg.mean and tuple(args.std) == source_cfg.std
+    assert args.crop_pct == source_cfg.crop_pct and args.interpolation == source_cfg.interpolation
+    def shapes(**kwargs):
+        return {k: v.shape for k, v in timm.create_model(args.model, device='meta', **kwargs).state_dict().items()}
+    converted = dict(twin_kwargs(timm.create_model(source_cfg.architecture, device='meta')),
+                     pos_attn_layer=args.model_kwargs['pos_attn_layer'])  # what convert builds for this source
+    assert shapes(**converted) == shapes(num_classes=args.num_classes, **args.model_kwargs)
 
 
 # --------------------------------------------------------------------------------------------------------------------
