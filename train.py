@@ -25,12 +25,11 @@ from collections import OrderedDict
 from contextlib import suppress
 from datetime import datetime
 from functools import partial
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import yaml
-from torch.nn.parallel import DistributedDataParallel as NativeDDP
 
 import timm
 from timm import utils
@@ -39,6 +38,10 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy, Binary
 from timm.models import parse_model_name, resume_checkpoint, safe_model_name, split_model_name_tag
 from timm.optim import create_optimizer_v2, get_optimizer_info, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+from timm.task import (
+    ClassificationTask, DistillationTeacher, FeatureDistillationTask, LogitDistillationTask, TokenDistillationTask,
+    TrainingTask, resume_task_checkpoint,
+)
 
 import timm_posattn  # noqa: F401  registers the vit_posattn_* models with timm
 from timm_posattn.cli import ArgumentParser, ParseKwargs, UsageError, device_arg, float_range, int_range, run_command
@@ -46,8 +49,8 @@ from timm_posattn.data import create_dataset, is_structured
 from timm_posattn.dataset_info import get_dataset_info
 from timm_posattn.files import atomic_write
 from timm_posattn.loading import (
-    LoadError, TrainCheckpoint, checkpoint_model_kwargs, load_model, load_weights, make_checkpoint, plain_args,
-    read_checkpoint, require_registered,
+    LoadError, LoadedModel, TrainCheckpoint, checkpoint_model_kwargs, load_model, load_weights, make_checkpoint,
+    open_model, parse_source, plain_args, read_checkpoint, require_registered, set_preprocessing,
 )
 from timm_posattn.outputs import OutputFolder
 
@@ -68,6 +71,12 @@ OWNED_FILES = (
 _CHECKPOINT_NAME = re.compile(r'checkpoint-(\d+)\.pth\.tar')
 INTERPOLATIONS = ('bicubic', 'bilinear', 'box', 'hamming', 'lanczos', 'nearest')  # timm.data.transforms' names
 SCHEDULERS = ('cosine', 'tanh', 'step', 'constant', 'multistep', 'plateau', 'poly', 'wsd', 'rsqrt', 'none')
+# knowledge distillation through timm.task: --kd-distill-type -> task; the defaults are timm's train.py's
+KD_TASKS = {'logit': LogitDistillationTask, 'feature': FeatureDistillationTask, 'token': TokenDistillationTask}
+KD_TEMPERATURE = 4.0
+KD_OPTIONS = ('kd_distill_type', 'kd_token_distill_type', 'distill_loss_weight', 'task_loss_weight', 'kd_temperature')
+# the loss parts a task returns besides 'loss', as summary.csv names them (TokenDistillationTask says 'distill_loss')
+LOSS_PARTS = {'task_loss': 'task_loss', 'kd_loss': 'kd_loss', 'distill_loss': 'kd_loss'}
 
 
 # The first parser reads only --config; the YAML's keys become defaults of the main parser (as in timm's train.py).
@@ -272,6 +281,26 @@ group.add_argument('--model-ema-decay', type=float_range(0, 1), default=0.9998,
                    help='decay factor for model weights moving average (default: 0.9998)')
 group.add_argument('--model-ema-warmup', action='store_true', help='enable warmup for model EMA decay')
 
+group = parser.add_argument_group('Knowledge distillation parameters (timm.task)')
+group.add_argument('--kd-model-name', default=None, type=str, metavar='MODEL',
+                   help='teacher for knowledge distillation: a timm model name (with its pretrained weights), '
+                        'hf-hub:ORG/REPO, local-dir:DIR, or a train.py checkpoint (its EMA weights when it has them); '
+                        'it must predict the student\'s classes')
+group.add_argument('--kd-distill-type', default=None, type=str, choices=tuple(KD_TASKS),
+                   help='"logit": KL divergence of the softened class probabilities; "feature": MSE of the pooled '
+                        'pre-logits features (a trained projection when the widths differ); "token": the student\'s '
+                        'distillation head (DeiT distilled models) learns the teacher (default: logit)')
+group.add_argument('--kd-token-distill-type', default=None, type=str, choices=('soft', 'hard'),
+                   help='token distillation: "soft" KL with temperature, "hard" cross-entropy with the teacher\'s '
+                        'argmax (default: soft)')
+group.add_argument('--distill-loss-weight', default=None, type=float_range(0),
+                   help='weight of the distillation loss: loss = task_weight * task_loss + distill_weight * kd_loss '
+                        '(default: 1; with only --task-loss-weight given: 1 - task weight)')
+group.add_argument('--task-loss-weight', default=None, type=float_range(0),
+                   help='weight of the classification loss (default: 1)')
+group.add_argument('--kd-temperature', default=None, type=float_range(0, low_open=True),
+                   help=f'softmax temperature of logit and soft token distillation (default: {KD_TEMPERATURE:g})')
+
 group = parser.add_argument_group('Miscellaneous parameters')
 group.add_argument('--seed', type=int_range(0, 2 ** 31 - 1), default=42, metavar='S', help='random seed (default: 42)')
 group.add_argument('--worker-seeding', type=str, default='all', choices=('all', 'part'),
@@ -420,6 +449,12 @@ def resolve_defaults(args: argparse.Namespace) -> None:
         args.interpolation = args.interpolation or info.interpolation
     if args.eval_metric is None:
         args.eval_metric = 'top1' if args.val_split else 'loss'
+    if args.kd_model_name:  # timm's defaults, each only where it is used (a value given where it is not is refused)
+        args.kd_distill_type = args.kd_distill_type or 'logit'
+        if args.kd_distill_type == 'token' and args.kd_token_distill_type is None:
+            args.kd_token_distill_type = 'soft'
+        if args.kd_temperature is None and uses_temperature(args):
+            args.kd_temperature = KD_TEMPERATURE
     args.prefetcher = not args.no_prefetcher
     if args.device is None:
         args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -427,6 +462,35 @@ def resolve_defaults(args: argparse.Namespace) -> None:
 
 def input_channels(args: argparse.Namespace) -> int:
     return args.input_size[0] if args.input_size else args.in_chans or 3
+
+
+def uses_temperature(args: argparse.Namespace) -> bool:
+    """Logit and soft token distillation compare softened probabilities; feature and hard token distillation do
+    not."""
+    return args.kd_distill_type == 'logit' or (args.kd_distill_type == 'token' and args.kd_token_distill_type == 'soft')
+
+
+def check_distillation_args(args: argparse.Namespace) -> None:
+    """Each --kd-* option given has an effect, and the weighted loss trains something."""
+    if not args.kd_model_name:
+        given = [f'--{key.replace("_", "-")}' for key in KD_OPTIONS if getattr(args, key) is not None]
+        if given:
+            raise UsageError(f'{", ".join(given)} would have no effect: there is no teacher (--kd-model-name)')
+        return
+    kind = args.kd_distill_type
+    if args.kd_token_distill_type is not None and kind != 'token':
+        raise UsageError(f'--kd-token-distill-type applies to --kd-distill-type token, not {kind}')
+    if args.kd_temperature is not None and not uses_temperature(args):
+        why = 'feature distillation compares features, not probabilities' if kind == 'feature' \
+            else 'hard token distillation uses the teacher\'s top class'
+        raise UsageError(f'--kd-temperature {args.kd_temperature:g} would have no effect: {why}')
+    if args.distill_loss_weight is None and args.task_loss_weight is not None and args.task_loss_weight > 1:
+        raise UsageError(f'--task-loss-weight {args.task_loss_weight:g} alone weights the distillation loss with '
+                         f'1 - {args.task_loss_weight:g} < 0 (timm\'s complementary weighting); give a task weight '
+                         f'in [0, 1], or --distill-loss-weight as well')
+    if args.distill_loss_weight == 0 and args.task_loss_weight == 0:
+        raise UsageError('--distill-loss-weight 0 and --task-loss-weight 0: the loss would be zero and nothing would '
+                         'be trained')
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -472,6 +536,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.aug_repeats and not utils.is_distributed_env():
         raise UsageError(f'--aug-repeats {args.aug_repeats} needs distributed training (torchrun): timm repeats '
                          f'augmentations only through its distributed sampler')
+    check_distillation_args(args)
 
 
 def import_device_modules(args: argparse.Namespace) -> None:
@@ -497,13 +562,21 @@ class AtomicCheckpointSaver(utils.CheckpointSaver):
         extra = {'optimizer': self.optimizer.state_dict(), 'saver': self.state_dict(epoch, metric)}
         if self.amp_scaler is not None:
             extra[self.amp_scaler.state_dict_key] = self.amp_scaler.state_dict()
+        if self.task is not None:  # the task knows which module is the model (and keeps e.g. a feature projection)
+            weights = {**self.task.get_checkpoint_state(unwrap_fn=self.unwrap_fn),
+                       **self.task.get_checkpoint_state(ema=True, unwrap_fn=self.unwrap_fn)}
+        else:
+            weights = {'state_dict': utils.get_state_dict(self.model, self.unwrap_fn)}
+            if self.model_ema is not None:
+                weights['state_dict_ema'] = utils.get_state_dict(self.model_ema, self.unwrap_fn)
         checkpoint = make_checkpoint(
             arch=self.args.model if self.args is not None else type(self.model).__name__.lower(),
             epoch=epoch,
-            state_dict=utils.get_state_dict(self.model, self.unwrap_fn),
+            state_dict=weights.pop('state_dict'),
             args=self.args,
-            state_dict_ema=utils.get_state_dict(self.model_ema, self.unwrap_fn) if self.model_ema is not None else None,
+            state_dict_ema=weights.pop('state_dict_ema', None),
             metric=metric,
+            **weights,  # the task's own state (task_state, task_state_ema), as timm's saver stores it
             **extra,
         )
         atomic_write(save_path, lambda f: torch.save(checkpoint, f))
@@ -598,6 +671,21 @@ def check_resume_ranking(ckpt: TrainCheckpoint, args: argparse.Namespace) -> Non
                          f"folder (--experiment NAME) to rank afresh")
 
 
+def check_resume_distillation(ckpt: TrainCheckpoint, args: argparse.Namespace) -> None:
+    """Continuing a run keeps its objective (and summary.csv's columns): the same teacher and distillation
+    settings."""
+    def same(key: str, recorded: Any, current: Any) -> bool:
+        if key == 'kd_model_name' and recorded and current and os.path.isfile(recorded) and os.path.isfile(current):
+            return _same_path(recorded, current)
+        return recorded == current
+    differ = [f'--{key.replace("_", "-")} {ckpt.args.get(key)!r} there, {getattr(args, key)!r} here'
+              for key in ('kd_model_name',) + KD_OPTIONS if not same(key, ckpt.args.get(key), getattr(args, key))]
+    if differ:
+        raise UsageError(f"--resume '{ckpt.path}': the run was trained with other distillation settings "
+                         f"({'; '.join(differ)}): repeat them to continue it, or fork the run into a new folder "
+                         f"(--experiment NAME)")
+
+
 def _comparable(value: Any) -> Any:
     return [_comparable(v) for v in value] if isinstance(value, (list, tuple)) else value
 
@@ -613,12 +701,13 @@ def check_resume_model(ckpt: TrainCheckpoint, args: argparse.Namespace) -> None:
                         f"repeat the run's --model-kwargs/--num-classes/--img-size/--gp to continue it")
 
 
-def restore_training_state(ckpt: TrainCheckpoint, model: nn.Module, optimizer=None, loss_scaler=None,
-                           log_info: bool = True) -> int:
-    """Model, optimizer and AMP scaler state with timm's `resume_checkpoint` (weights_only=True); returns the epoch
-    to start at."""
+def restore_training_state(ckpt: TrainCheckpoint, model: Union[nn.Module, TrainingTask], optimizer=None,
+                           loss_scaler=None, log_info: bool = True) -> int:
+    """Model (or a timm task's model and task state), optimizer and AMP scaler state with timm's
+    `resume_task_checkpoint` / `resume_checkpoint` (weights_only=True); returns the epoch to start at."""
+    resume = resume_task_checkpoint if isinstance(model, TrainingTask) else resume_checkpoint
     try:
-        epoch = resume_checkpoint(model, ckpt.path, optimizer=optimizer, loss_scaler=loss_scaler, log_info=log_info)
+        epoch = resume(model, ckpt.path, optimizer=optimizer, loss_scaler=loss_scaler, log_info=log_info)
     except (RuntimeError, ValueError, KeyError) as e:
         detail = ' '.join(str(e).split())[:300]
         raise LoadError(f"--resume '{ckpt.path}' does not fit this run's model or optimizer ({detail}); "
@@ -691,27 +780,27 @@ def is_finite_everywhere(loss: torch.Tensor, args: argparse.Namespace) -> bool:
 
 def train_one_epoch(
         epoch: int,
-        model: nn.Module,
+        task: TrainingTask,
         loader,
         optimizer: torch.optim.Optimizer,
-        loss_fn: nn.Module,
         args: argparse.Namespace,
         device: torch.device,
         lr_scheduler=None,
         amp_autocast=suppress,
         loss_scaler=None,
-        model_ema=None,
         mixup_fn=None,
 ) -> Dict[str, float]:
-    """One pass over the loader with gradient accumulation, clipping, AMP and EMA; returns the mean train loss."""
+    """One pass over the loader with gradient accumulation, clipping, AMP and EMA, as in timm's train.py: the timm
+    task (classification or distillation) computes the loss. Returns the mean train loss and the task's loss parts
+    (task_loss, kd_loss when distilling)."""
     if args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
         if args.prefetcher and getattr(loader, 'mixup_enabled', False):
             loader.mixup_enabled = False
         elif mixup_fn is not None:
             mixup_fn.mixup_enabled = False
 
-    model.train()
-    losses_m = utils.AverageMeter()
+    task.train()  # the student; a distillation task keeps its teacher in eval mode
+    meters = OrderedDict(loss=utils.AverageMeter())  # 'loss' and the task's loss parts
     update_time_m = utils.AverageMeter()
     accum_steps = args.grad_accum_steps
     num_batches = len(loader)
@@ -736,54 +825,64 @@ def train_one_epoch(
         if args.channels_last:
             input = input.contiguous(memory_format=torch.channels_last)
 
-        sync_context = model.no_sync if args.distributed and not need_update else suppress
+        sync_context = task.no_sync if args.distributed and not need_update else suppress
         with sync_context():
             with amp_autocast():
-                loss = loss_fn(model(input), target)
+                result = task(input, target)
+            loss = result['loss']
             if not is_finite_everywhere(loss, args):
+                parts = ', '.join(f'{LOSS_PARTS[k]} {v.item()}' for k, v in result.items() if k in LOSS_PARTS)
                 raise NonFiniteLossError(
-                    f'loss is {loss.item()} at epoch {epoch}, step {batch_idx} of {num_batches} '
-                    f'(update {num_updates + 1}); try a lower --lr, --clip-grad, or no --amp')
+                    f'loss is {loss.item()}{f" ({parts})" if parts else ""} at epoch {epoch}, step {batch_idx} of '
+                    f'{num_batches} (update {num_updates + 1}); try a lower --lr, --clip-grad, or no --amp')
             scaled_loss = loss / accum_steps if accum_steps > 1 else loss
+            clip_parameters = None
+            if args.clip_grad is not None:
+                clip_parameters = task.get_clip_parameters(exclude_head='agc' in args.clip_mode)
             if loss_scaler is not None:
                 loss_scaler(scaled_loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
-                            parameters=model.parameters(), need_update=need_update)
+                            parameters=clip_parameters, need_update=need_update)
             else:
                 scaled_loss.backward()
                 if need_update:
                     if args.clip_grad is not None:
-                        utils.dispatch_clip_grad(model.parameters(), value=args.clip_grad, mode=args.clip_mode)
+                        utils.dispatch_clip_grad(clip_parameters, value=args.clip_grad, mode=args.clip_mode)
                     optimizer.step()
 
-        losses_m.update(loss.item(), input.shape[0])
+        meters['loss'].update(loss.item(), input.shape[0])
+        for key, value in result.items():
+            if key in LOSS_PARTS:
+                meters.setdefault(LOSS_PARTS[key], utils.AverageMeter()).update(value.item(), input.shape[0])
         update_sample_count += input.shape[0] * args.world_size
         if not need_update:
             continue
 
         num_updates += 1
         optimizer.zero_grad()
-        if model_ema is not None:
-            model_ema.update(model, step=num_updates)
+        task.update_ema(step=num_updates)
         now = time.time()
         update_time_m.update(now - update_start_time)
         update_start_time = now
 
         if utils.is_primary(args) and (update_idx % args.log_interval == 0 or last_batch):
             lrs = [group['lr'] for group in optimizer.param_groups]
+            parts = ''.join(f'  {"KD" if name == "kd_loss" else "Task"}: {m.val:#.3g} ({m.avg:#.3g})'
+                            for name, m in meters.items() if name != 'loss')
             _logger.info(
                 f'Train: {epoch} [{update_idx:>4d}/{updates_per_epoch} '
                 f'({100. * (update_idx + 1) / updates_per_epoch:>3.0f}%)]  '
-                f'Loss: {losses_m.val:#.3g} ({losses_m.avg:#.3g})  '
+                f'Loss: {meters["loss"].val:#.3g} ({meters["loss"].avg:#.3g}){parts}  '
                 f'Throughput: {update_sample_count / max(update_time_m.val, 1e-9):>7.1f} img/s  '
                 f'LR: {sum(lrs) / len(lrs):.3e}')
         update_sample_count = 0
         if lr_scheduler is not None:
-            lr_scheduler.step_update(num_updates=num_updates, metric=losses_m.avg)
+            lr_scheduler.step_update(num_updates=num_updates, metric=meters['loss'].avg)
 
-    loss_avg = losses_m.avg
+    metrics = OrderedDict((name, m.avg) for name, m in meters.items())
     if args.distributed:
-        loss_avg = utils.reduce_tensor(torch.tensor([loss_avg], device=device), args.world_size).item()
-    return OrderedDict([('loss', loss_avg)])
+        reduced = utils.reduce_tensor(torch.tensor(list(metrics.values()), device=device), args.world_size)
+        metrics = OrderedDict(zip(metrics, reduced.tolist()))
+    return metrics
 
 
 def validate(
@@ -1019,6 +1118,86 @@ def build_model(args: argparse.Namespace, initial: Optional[TrainCheckpoint] = N
     return model
 
 
+def load_teacher(args: argparse.Namespace) -> LoadedModel:
+    """The --kd-model-name teacher through `timm_posattn.loading`, before anything else is built: a name with its
+    pretrained weights, hf-hub:, local-dir:, or a train.py checkpoint (checksums and finite weights checked)."""
+    kind, name = parse_source(args.kd_model_name)
+    if kind is None:
+        require_registered(split_model_name_tag(name)[0], '--kd-model-name')
+        if not timm.list_pretrained(name if split_model_name_tag(name)[1] else f'{name}.*'):
+            raise UsageError(f'--kd-model-name {name}: timm has no pretrained weights for this model, and a teacher '
+                             f'needs trained weights: give a train.py checkpoint, hf-hub:ORG/REPO or local-dir:DIR')
+    return open_model(args.kd_model_name, pretrained=True if kind is None else None)
+
+
+def check_teacher_classes(args: argparse.Namespace, teacher: nn.Module) -> None:
+    """Distillation compares the teacher's and the student's outputs class by class: the classes must be the same."""
+    classes = getattr(teacher, 'num_classes', None)
+    if classes != args.num_classes:
+        raise UsageError(f'--kd-model-name {args.kd_model_name} predicts {classes} classes, the student '
+                         f'{args.num_classes}: distillation needs a teacher of the same classes (fine-tune it on '
+                         f'this data first)')
+
+
+def create_teacher(args: argparse.Namespace, loaded: LoadedModel, data_config: Dict[str, Any],
+                   device: torch.device) -> DistillationTeacher:
+    """The loaded teacher in timm's `DistillationTeacher`, which renormalizes the student's inputs to the teacher's
+    mean/std. A teacher that does not take the student's inputs is refused before any training."""
+    source, input_size = args.kd_model_name, data_config['input_size']
+    teacher = loaded.model.to(device).eval().requires_grad_(False)
+    try:
+        with torch.no_grad():
+            teacher(torch.zeros(1, *input_size, device=device))
+    except (AssertionError, RuntimeError, ValueError) as e:
+        raise UsageError(f'--kd-model-name {source} does not take the student\'s {"x".join(map(str, input_size))} '
+                         f'inputs: {" ".join(str(e).split())[:200]}') from None
+    wrapped = DistillationTeacher(teacher, device=device)  # takes the teacher's mean/std from its pretrained cfg
+
+    def norm(values) -> str:
+        return '/'.join(f'{v:.4g}' for v in values)
+    ours = f'mean {norm(data_config["mean"])}, std {norm(data_config["std"])}'
+    its = f'mean {norm(wrapped.mean_kd.flatten().tolist())}, std {norm(wrapped.std_kd.flatten().tolist())}'
+    _logger.info(f'Distillation teacher: {loaded.weights}; ' + (f'inputs as the student\'s ({ours})' if ours == its
+                 else f'inputs renormalized from the student\'s {ours} to its {its}'))
+    return wrapped
+
+
+def create_task(args: argparse.Namespace, model: nn.Module, criterion: nn.Module, device: torch.device,
+                teacher: Optional[DistillationTeacher] = None) -> TrainingTask:
+    """The timm training task, as timm's train.py builds it: classification, or --kd-distill-type distillation from
+    ``teacher`` (the student's normalization is read from its pretrained cfg: see `set_preprocessing`)."""
+    verbose = utils.is_primary(args)
+    if teacher is None:
+        return ClassificationTask(model, criterion=criterion, device=device, verbose=verbose)
+    weights = dict(distill_loss_weight=args.distill_loss_weight, task_loss_weight=args.task_loss_weight)
+    kind = args.kd_distill_type
+    try:
+        if kind == 'logit':
+            return LogitDistillationTask(model, teacher, criterion=criterion, temperature=args.kd_temperature,
+                                         device=device, verbose=verbose, **weights)
+        if kind == 'feature':
+            return FeatureDistillationTask(model, teacher, criterion=criterion, device=device, verbose=verbose,
+                                           **weights)
+        return TokenDistillationTask(model, teacher, criterion=criterion, distill_type=args.kd_token_distill_type,
+                                     temperature=args.kd_temperature or 1.0, device=device, verbose=verbose,
+                                     **weights)
+    except ValueError as e:  # a student without a distillation head (token), features of unknown width (feature)
+        raise UsageError(f'--kd-distill-type {kind} does not apply to {args.model}: {" ".join(str(e).split())}'
+                         ) from None
+
+
+class TeacherOnStudentInputs(nn.Module):
+    """The teacher as distillation sees it: the student's batches, renormalized to the teacher's mean/std."""
+
+    def __init__(self, teacher: DistillationTeacher, student_mean: torch.Tensor, student_std: torch.Tensor) -> None:
+        super().__init__()
+        self.teacher = teacher
+        self.student_mean, self.student_std = student_mean, student_std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.teacher(self.teacher.normalize_input(x, self.student_mean, self.student_std))
+
+
 def create_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
     try:
         return create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **args.opt_kwargs)
@@ -1047,12 +1226,14 @@ def main(argv: Optional[Sequence[str]] = None, progress: Optional[Progress] = No
             initial = read_checkpoint(args.initial_checkpoint)
         else:
             _logger.info('--initial-checkpoint is not loaded: --resume restores the weights of the run it started')
+    teacher_source = load_teacher(args) if args.kd_model_name else None
     # every rank checks the folder so all stop together; rank 0 writes into it only after all have built their model
     folder = resolve_output_folder(args, resume)
     output_dir = str(folder.path)
     continuing = resume is not None and _same_path(output_dir, os.path.dirname(os.path.abspath(resume.path)))
     if continuing:
         check_resume_ranking(resume, args)
+        check_resume_distillation(resume, args)
     progress.output_dir = output_dir
     progress.resumed_from = resume.path if resume is not None else None
 
@@ -1077,6 +1258,8 @@ def main(argv: Optional[Sequence[str]] = None, progress: Optional[Progress] = No
     if resume is not None:
         check_resume_model(resume, args)
     model = build_model(args, initial)
+    if teacher_source is not None:
+        check_teacher_classes(args, teacher_source.model)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(enable=True)
     if utils.is_primary(args):
@@ -1084,10 +1267,12 @@ def main(argv: Optional[Sequence[str]] = None, progress: Optional[Progress] = No
     data_config = resolve_data_config(vars(args), model=model, verbose=utils.is_primary(args))
     # timm takes the size from the model's pretrained cfg, channels included: the loader must give --in-chans
     data_config['input_size'] = (input_channels(args), *data_config['input_size'][1:])
+    set_preprocessing(model, data_config)  # what the student is trained on (a distillation task reads its mean/std)
 
     model.to(device=device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
+    teacher = create_teacher(args, teacher_source, data_config, device) if teacher_source is not None else None
 
     amp_autocast, loss_scaler = suppress, None
     if args.amp:
@@ -1114,32 +1299,32 @@ def main(argv: Optional[Sequence[str]] = None, progress: Optional[Progress] = No
         raise UsageError(f'--min-lr {args.min_lr:g} is above the learning rate {args.lr:g}: the schedule would rise '
                          f'instead of decay; lower --min-lr')
 
-    optimizer = create_optimizer(args, model)
+    # one loop for plain and distilled training: the timm task owns the forward and the loss (timm's train.py)
+    task = create_task(args, model, create_train_loss(args, mixup_active).to(device), device, teacher)
+    validate_loss_fn = nn.CrossEntropyLoss().to(device)
+    optimizer = create_optimizer(args, task.get_trainable_module())
 
     resume_epoch = None
     if resume is not None:
         resume_epoch = restore_training_state(
-            resume, model, optimizer=None if args.no_resume_opt else optimizer,
+            resume, task, optimizer=None if args.no_resume_opt else optimizer,
             loss_scaler=None if args.no_resume_opt else loss_scaler, log_info=utils.is_primary(args))
 
-    model_ema = None
     if args.model_ema:  # created after moving to device and before DDP, as in timm
-        model_ema = utils.ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup)
+        task.setup_ema(decay=args.model_ema_decay, use_warmup=args.model_ema_warmup)
         if resume is not None:
             weights, which = resume.weights()  # the EMA weights when the run kept them
-            model_ema.module.load_state_dict(weights)
+            task.load_checkpoint_state(weights, resume.raw.get(which.replace('state_dict', 'task_state')), ema=True)
             if which != 'state_dict_ema':
                 _logger.info('The resumed checkpoint has no EMA weights: the EMA restarts from its weights.')
 
-    train_model = model
-    if args.torchcompile:
-        train_model = torch.compile(model, backend=args.torchcompile)
-    if args.distributed:
-        train_model = NativeDDP(train_model, device_ids=[device] if device.type == 'cuda' else None,
-                                broadcast_buffers=not args.no_ddp_bb)
-
-    train_loss_fn = create_train_loss(args, mixup_active).to(device)
-    validate_loss_fn = nn.CrossEntropyLoss().to(device)
+    if args.torchcompile:  # before DDP, so that DDP stays out of the compiled graph (timm's order)
+        task.compile(backend=args.torchcompile)
+        if task.has_ema():
+            task.compile_ema(backend=args.torchcompile)
+    if args.distributed:  # the student (and a feature projection); the teacher stays unwrapped
+        task.prepare_distributed(device_ids=[device] if device.type == 'cuda' else None,
+                                 broadcast_buffers=not args.no_ddp_bb)
 
     updates_per_epoch = (len(loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
     try:
@@ -1167,7 +1352,7 @@ def main(argv: Optional[Sequence[str]] = None, progress: Optional[Progress] = No
                 _logger.info(f"--overwrite: removed the previous run's {', '.join(removed)} from {output_dir}")
         os.makedirs(output_dir, exist_ok=True)
         saver = AtomicCheckpointSaver(
-            model=model, optimizer=optimizer, args=args, model_ema=model_ema, amp_scaler=loss_scaler,
+            model=model, optimizer=optimizer, args=args, amp_scaler=loss_scaler, task=task,
             checkpoint_dir=output_dir, recovery_dir=output_dir, decreasing=args.eval_metric == 'loss',
             max_history=args.checkpoint_hist)
         if continuing:
@@ -1182,20 +1367,28 @@ def main(argv: Optional[Sequence[str]] = None, progress: Optional[Progress] = No
         _logger.info(f'Training epochs {start_epoch}..{num_epochs - 1}, {updates_per_epoch} updates per epoch; '
                      f'output in {output_dir}')
 
+    teacher_metrics = None
+    if teacher is not None:  # once, so that the student's numbers can be read against it
+        if loader_eval is not None:
+            teacher_metrics = validate(TeacherOnStudentInputs(teacher, task.student_mean, task.student_std),
+                                       loader_eval, validate_loss_fn, args, device, amp_autocast,
+                                       log_suffix=f' (teacher {args.kd_model_name})')
+        else:
+            _logger.info('No validation split (--val-split ""): the teacher\'s top-1 is not measured.')
+
     eval_metrics = None
     for epoch in range(start_epoch, num_epochs):
         if hasattr(loader_train.sampler, 'set_epoch'):
             loader_train.sampler.set_epoch(epoch)
         train_metrics = train_one_epoch(
-            epoch, train_model, loader_train, optimizer, train_loss_fn, args, device,
-            lr_scheduler=lr_scheduler, amp_autocast=amp_autocast, loss_scaler=loss_scaler,
-            model_ema=model_ema, mixup_fn=mixup_fn)
+            epoch, task, loader_train, optimizer, args, device,
+            lr_scheduler=lr_scheduler, amp_autocast=amp_autocast, loss_scaler=loss_scaler, mixup_fn=mixup_fn)
 
         eval_metrics = None
         if loader_eval is not None:
-            eval_metrics = validate(train_model, loader_eval, validate_loss_fn, args, device, amp_autocast)
-            if model_ema is not None:
-                eval_metrics = validate(model_ema.module, loader_eval, validate_loss_fn, args, device,
+            eval_metrics = validate(task.get_eval_model(), loader_eval, validate_loss_fn, args, device, amp_autocast)
+            if task.has_ema():
+                eval_metrics = validate(task.get_eval_model(ema=True), loader_eval, validate_loss_fn, args, device,
                                         amp_autocast, log_suffix=' (EMA)')
         if summary_path:
             lrs = [group['lr'] for group in optimizer.param_groups]
@@ -1209,14 +1402,14 @@ def main(argv: Optional[Sequence[str]] = None, progress: Optional[Progress] = No
 
     if args.distributed:
         torch.distributed.destroy_process_group()
-    result = {'output_dir': output_dir, 'eval': eval_metrics, 'association': None}
+    result = {'output_dir': output_dir, 'eval': eval_metrics, 'teacher_eval': teacher_metrics, 'association': None}
     if utils.is_primary(args):
         if eval_metrics is not None:
             print(f"Final top-1: {eval_metrics['top1']:.2f}%  top-5: {eval_metrics['top5']:.2f}%  "
                   f"({args.dataset or 'folder'}/{args.val_split})", flush=True)
         if saver is not None and saver.best_metric is not None:
             print(f'Best {args.eval_metric}: {saver.best_metric:.4f} (epoch {saver.best_epoch})', flush=True)
-        final_model = model_ema.module if model_ema is not None else model
+        final_model = utils.unwrap_model(task.get_eval_model(ema=task.has_ema()))
         result['association'] = report_attention(final_model, dataset_train, folder, args)
     return result
 

@@ -36,7 +36,7 @@ __all__ = [
     'WEIGHTS_NAME', 'PUBLISH_INFO_KEY', 'CHECKPOINT_VERSION', 'make_checkpoint', 'plain_args', 'read_checkpoint',
     'checkpoint_model_kwargs', 'check_finite', 'check_safetensors', 'sha256_file', 'read_model_config',
     'require_registered', 'build_model', 'load_weights', 'LoadedModel', 'open_model', 'load_model',
-    'add_ema_arguments',
+    'add_ema_arguments', 'parse_source', 'PREPROCESSING_KEYS', 'set_preprocessing',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -395,8 +395,8 @@ def _check_registered_name(name: str, pretrained: bool, kwargs: Mapping[str, Any
                            filename=cfg.hf_hub_filename or WEIGHTS_NAME)
 
 
-def _parse_source(source: Union[str, Path]) -> Tuple[Optional[str], str]:
-    """(kind, id): kind 'local-dir', 'hf-hub', 'file' or None (a registered name)."""
+def parse_source(source: Union[str, Path]) -> Tuple[Optional[str], str]:
+    """(kind, id): kind 'local-dir', 'hf-hub', 'file' or None (a registered name), as `load_model` reads `source`."""
     name = str(source)
     if ':' not in name and name.endswith(_CHECKPOINT_SUFFIXES):
         return 'file', name  # missing or not, a checkpoint path: read_checkpoint says what is wrong with it
@@ -466,12 +466,43 @@ def load_weights(model: nn.Module, checkpoint: Union[str, TrainCheckpoint], use_
     return which
 
 
+# the pretrained_cfg keys that say how a model's inputs are prepared (timm's data config)
+PREPROCESSING_KEYS = ('input_size', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode')
+_RECORDED_PREPROCESSING = ('mean', 'std', 'crop_pct', 'crop_mode', 'interpolation')  # what train.py's args may set
+
+
+def set_preprocessing(model: nn.Module, data_config: Mapping[str, Any]) -> None:
+    """Make ``model.pretrained_cfg`` report the preprocessing its weights are trained with.
+
+    timm reads the normalization of a model from its pretrained cfg (`resolve_data_config`, the distillation
+    teacher's and student's mean/std in `timm.task`), but a model built by name carries its default tag's cfg, not
+    the one of the run that trained it (e.g. the structured data's mean/std).
+    """
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in data_config.items()
+              if k in PREPROCESSING_KEYS and v not in (None, '')}
+    cfg = {**(getattr(model, 'pretrained_cfg', None) or {}), **values}
+    model.pretrained_cfg = cfg
+    model.default_cfg = cfg  # timm's alias of pretrained_cfg
+
+
+def _training_preprocessing(ckpt: TrainCheckpoint, model: nn.Module) -> Dict[str, Any]:
+    """The normalization and crop a train.py (or timm train.py) run used: its recorded values over the model's
+    defaults, resolved as train.py resolved them (`timm.data.resolve_data_config`)."""
+    from timm.data import resolve_data_config
+    recorded = {k: ckpt.args.get(k) for k in _RECORDED_PREPROCESSING}
+    input_size = ckpt.args.get('input_size')
+    recorded['in_chans'] = input_size[0] if input_size else ckpt.args.get('in_chans')
+    data_config = resolve_data_config(recorded, model=model)
+    return {k: data_config[k] for k in _RECORDED_PREPROCESSING if k in data_config}
+
+
 def build_model(ckpt: TrainCheckpoint, name: Optional[str] = None, use_ema: Optional[bool] = None, adapt: bool = False,
                 **kwargs: Any) -> Tuple[nn.Module, str]:
     """Rebuild the model a checkpoint belongs to and load its weights; returns (model, which weights).
 
     `name` defaults to the checkpoint's `arch`; its recorded model kwargs are applied, then `kwargs` (explicit values
-    win). A checkpoint recorded for another architecture than `name` is refused.
+    win). A checkpoint recorded for another architecture than `name` is refused. The model's pretrained cfg reports
+    the normalization and crop the checkpoint's run trained with (`set_preprocessing`).
     """
     arch = split_model_name_tag(ckpt.arch)[0] if ckpt.arch else None
     if name is None:
@@ -485,6 +516,8 @@ def build_model(ckpt: TrainCheckpoint, name: Optional[str] = None, use_ema: Opti
     model_kwargs = {**(ckpt.model_kwargs if arch is None or split_model_name_tag(name)[0] == arch else {}), **kwargs}
     model = _create(name, ckpt.path, pretrained=False, **model_kwargs)
     which = load_weights(model, ckpt, use_ema=use_ema, adapt=adapt)
+    if ckpt.args:
+        set_preprocessing(model, _training_preprocessing(ckpt, model))
     return model, which
 
 
@@ -516,7 +549,7 @@ def open_model(
         source, checkpoint = checkpoint, None
         kind, model_id = 'file', str(source)
     else:
-        kind, model_id = _parse_source(source)
+        kind, model_id = parse_source(source)
     if kind == 'file' or checkpoint is not None:
         if pretrained:
             raise LoadError('pretrained (--pretrained) loads the published weights of a model name, and a checkpoint '
