@@ -46,8 +46,6 @@ import timm
 from timm.layers import LayerScale
 from timm.optim import create_optimizer_v2
 from timm.utils import ParseKwargs, reparameterize_model
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import flop_registry
 
 
 def _import_posattn():
@@ -64,6 +62,7 @@ def _import_posattn():
 
 timm_posattn = _import_posattn()
 from timm_posattn.cli import ArgumentParser, UsageError, int_range, run_command  # noqa: E402
+from timm_posattn.flops import FlopCounter  # noqa: E402
 from timm_posattn.machine import cpu_name  # noqa: E402
 from timm_posattn.outputs import OutputFolder  # noqa: E402
 
@@ -319,30 +318,6 @@ def time_steps(runner: Runner, iters: int, timer: str = 'wall') -> float:
 # FLOPs: the speed-up that arithmetic alone predicts, to read a measured ratio against
 
 
-class _FlopCounter(TorchDispatchMode):
-    """Sum of torch.utils.flop_counter's formulas (matmuls, convs, attention) over the ops a region runs.
-
-    Like FlopCounterMode but without its module tracker, which rejects no-grad/inference-mode forwards.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.flops = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        packet = func._overloadpacket
-        if packet not in flop_registry and func is not torch.ops.prim.device.default:
-            with self:
-                out = func.decompose(*args, **kwargs)  # e.g. SDPA -> bmm/softmax, counted below
-            if out is not NotImplemented:
-                return out
-        out = func(*args, **kwargs)
-        if packet in flop_registry:
-            self.flops += flop_registry[packet](*args, **kwargs, out_val=out)
-        return out
-
-
 def step_flops(model: nn.Module, mode: str, batch_size: int) -> int:
     """FLOPs of one steady-state step (infer: forward; train: forward + backward) on a meta-device copy.
 
@@ -353,7 +328,7 @@ def step_flops(model: nn.Module, mode: str, batch_size: int) -> int:
     meta_model.train(mode == 'train')
     height, width = meta_model.patch_embed.img_size
     x = torch.empty(batch_size, meta_model.patch_embed.proj.in_channels, height, width, device='meta')
-    counter = _FlopCounter()
+    counter = FlopCounter()
     if mode == 'infer':
         with torch.inference_mode():
             meta_model(x)

@@ -212,7 +212,8 @@ def _results_table(result: Optional[Dict[str, Any]], stats: Dict[str, Any], inpu
         f'| Top-1 accuracy (%) | {top1} | {source} |',
         f'| Top-5 accuracy (%) | {top5} | {top5_how} |',
         f"| Params (M) | {_fmt(stats['params_m'])} | counted on the published weights |",
-        f"| GMACs | {_fmt(stats['gmacs'], 3)} | torch.utils.flop_counter, one {shape} image (FLOPs / 2), the model "
+        f"| GMACs | {_fmt(stats['gmacs'], 3)} | torch.utils.flop_counter's formulas, fused attention included "
+        f"(timm_posattn.flops), one {shape} image (FLOPs / 2), the model "
         f"as loaded: every forward computes the positional attention A from its parameters |",
         f"| GMACs, reparameterized | {_fmt(stats['gmacs_reparameterized'], 3)} | same, after "
         f"`timm.utils.reparameterize_model(model)`: A baked into buffers (inference at {shape} only) |",

@@ -33,6 +33,7 @@ from .loading import (
     PUBLISH_INFO_KEY, WEIGHTS_NAME, add_ema_arguments, build_model, load_model, read_checkpoint, require_registered,
     sha256_file,
 )
+from .flops import forward_gmacs
 from .machine import cpu_name
 from .model_card import (
     card_dataset, check_result_matches_checkpoint, describe_architecture, find_card_template, read_summary,
@@ -68,12 +69,8 @@ def data_config_from_args(args: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def count_gmacs(model: torch.nn.Module, input_size: Sequence[int]) -> float:
-    """GMACs of one inference forward of one image (torch.utils.flop_counter, MACs = FLOPs / 2)."""
-    from torch.utils.flop_counter import FlopCounterMode
-    x = torch.randn(1, *input_size)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(x)
-    return counter.get_total_flops() / 2 / 1e9
+    """GMACs of one inference forward of one image (`timm_posattn.flops`: fused attention counted too)."""
+    return forward_gmacs(model, input_size)
 
 
 def measure_model(model: torch.nn.Module, input_size: Sequence[int], device: str = 'cpu', batch_size: int = 64,
