@@ -275,7 +275,7 @@ def test_simplified_model_shapes_and_errors(attention):
 
 def test_local_init_training_learns_association():
     torch.manual_seed(0)
-    model = SimplifiedPositionalModel(16, 12, num_neurons=4, init='local', seed=0)
+    model = SimplifiedPositionalModel(16, 12, num_neurons=4, attention='logits', init='local', seed=0)
     history = train_online(model, CFG, steps=250, batch_size=128, lr=0.02, seed=0, eval_every=250)
     final = history[-1]
     assert final['association'] > 2 * final['chance']

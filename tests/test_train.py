@@ -403,19 +403,20 @@ def test_amp_scaler_state_round_trips_through_the_checkpoint(tmp_path):
 
 
 def test_structured_demo_defaults_apply_only_to_the_demo_run():
-    """No --model on structured: the measured demo recipe (1 block, avg pool, 30 epochs, lr-base 3e-3); user values
+    """No --model on structured: the measured demo recipe (1 tied block, avg pool, 30 epochs, lr-base 3e-3); user values
     win."""
     def resolved(*argv):
         args = train.parse_args(list(argv))
         train.resolve_defaults(args)
         return args
     demo = resolved()
-    assert demo.model_kwargs == {'depth': 1, 'global_pool': 'avg'} and demo.gp is None
+    assert demo.model_kwargs == {'depth': 1, 'global_pool': 'avg', 'pos_attn_layer': 'tied'} and demo.gp is None
     assert demo.epochs == 30 and demo.lr_base == pytest.approx(3e-3)
     twin = resolved('--model-kwargs', 'pos_attn_layers=none', 'depth=2', '--epochs', '5', '--lr-base', '1e-3')
-    assert twin.model_kwargs == {'depth': 2, 'global_pool': 'avg', 'pos_attn_layers': 'none'}
+    assert twin.model_kwargs == {'depth': 2, 'global_pool': 'avg', 'pos_attn_layer': 'tied', 'pos_attn_layers': 'none'}
     assert twin.epochs == 5 and twin.lr_base == pytest.approx(1e-3)
-    assert resolved('--gp', 'token').model_kwargs == {'depth': 1}
+    assert resolved('--gp', 'token').model_kwargs == {'depth': 1, 'pos_attn_layer': 'tied'}
+    assert resolved('--model-kwargs', 'pos_attn_layer=qk').model_kwargs['pos_attn_layer'] == 'qk'
     other = resolved('--model', 'vit_posattn_small_patch4_32')
     assert other.model_kwargs == {} and other.epochs == 2 and other.lr_base == pytest.approx(1e-3)
     folder = resolved('--data-dir', '/nonexistent')

@@ -22,7 +22,7 @@ from timm_posattn.visualize import main, resolve_query_patches, save_attention_p
 REPO = Path(__file__).resolve().parents[1]
 ARCH = 'vit_posattn_tiny_patch4_32'
 SMALL = dict(depth=2, num_classes=2)  # two blocks keep the test fast
-MAIN_JOB_KWARGS = {'depth': 1, 'global_pool': 'avg'}  # what `python train.py` (the README's main job) trains
+MAIN_JOB_KWARGS = {'depth': 1, 'global_pool': 'avg', 'pos_attn_layer': 'tied'}  # what `python train.py` (the README's main job) trains
 
 
 @pytest.fixture(scope='module')

@@ -22,7 +22,7 @@ from .cli import ArgumentParser, UsageError, float_range, int_range, run_command
 from .files import atomic_write
 from .layers import list_pos_attn_layers
 from .outputs import OutputFolder
-from .simplified import INITS, SimplifiedPositionalModel, accuracy, train_fixed, train_online
+from .simplified import ATTENTION, INIT, INITS, SimplifiedPositionalModel, accuracy, train_fixed, train_online
 from .structured import StructuredConfig, make_structure, orthogonal_feature, sample_structured
 
 __all__ = [
@@ -30,11 +30,6 @@ __all__ = [
     'save_metrics_plot', 'save_transfer_plot', 'main', 'run', 'ATTENTION', 'INIT',
 ]
 
-# The simplified model the commands run by default, chosen by measurement (docs/paper_experiments.md): the tied form
-# (logits a Gram matrix of the learned positional table) learns own-set patch association from a random start, as the
-# paper claims, where the free logit table ('logits') and the untied form ('qk') stay at chance; accuracy is the same.
-ATTENTION = 'tied'
-INIT = 'random'
 _TEST_SEED = 12345  # test samples; training batches use seeds >= 10**6 (see simplified.train_online)
 
 
