@@ -14,6 +14,8 @@
 #   eager    bf16 training benchmark at 224, batch 256 (benchmark issue target: train >= 1.15)
 #   layout   how the shared attention matrix is applied, on the GPU (benchmarks/attention_layout.py), then the
 #            whole attention modules, including the copy-free channels-first layout (--projections)
+#   distill  what a distillation step costs against a plain training step of the converted ViT-S/16 (bf16, batch
+#            128): the ImageNet recipe's cost ratio (configs/imagenet_convert_small.yaml)
 #   train    train.py on CUDA with bf16 AMP, 1 epoch of the structured demo (DDP over NCCL needs >= 2 GPUs:
 #            with one GPU this checks the CUDA/AMP training path, not NCCL)
 #   compile  the bf16 training benchmark with torch.compile (slowest: compiles both models)
@@ -139,6 +141,9 @@ step layout 60 "$PY" benchmarks/attention_layout.py --device cuda --dtype bfloat
 
 step layout_modules 60 "$PY" benchmarks/attention_layout.py --device cuda --dtype bfloat16 -b 256 --projections \
     --json "$OUT/layout_modules.json"
+
+step distill 60 "$PY" benchmarks/distill_step.py --device cuda --dtype bfloat16 -b 128 --repeats 5 --iters 5 \
+    --json "$OUT/distill_step.json" --overwrite
 
 step train 150 "$PY" train.py --device cuda --amp --amp-dtype bfloat16 --epochs 1 --output "$OUT" \
     --experiment cuda_bf16 --no-attention-plot
