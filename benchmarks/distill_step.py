@@ -80,7 +80,7 @@ def build_parser() -> ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = build_parser().parse_args(argv)
-    json_out = throughput.claim_output(args.json, args.overwrite) if args.json else None
+    json_out = throughput.claim_output(args.json, args.overwrite, 'benchmarks/distill_step.py') if args.json else None
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)

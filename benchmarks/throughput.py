@@ -728,11 +728,11 @@ def plot_sweep(rows: Sequence[Dict[str, Any]], write: Callable[[Callable[[Any], 
         plt.close(fig)
 
 
-def claim_output(path: str, overwrite: bool) -> Tuple[OutputFolder, str]:
+def claim_output(path: str, overwrite: bool, command: str = 'benchmarks/throughput.py') -> Tuple[OutputFolder, str]:
     """The output-folder policy for one file the user named: refused before any work if it exists, unless
     --overwrite; written atomically."""
     folder = OutputFolder(os.path.dirname(os.path.abspath(path)), [os.path.basename(path)], overwrite=overwrite,
-                          command='benchmarks/throughput.py', flag='--overwrite')
+                          command=command, flag='--overwrite')
     return folder.check(), os.path.basename(path)
 
 

@@ -10,6 +10,7 @@ import torch
 
 import timm
 import timm_posattn  # noqa: F401  registers the vit_posattn_* models
+from timm_posattn.cli import UsageError
 
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks', 'throughput.py')
 TINY = 'vit_posattn_tiny_patch4_32'
@@ -347,3 +348,23 @@ def test_onnx_throughput_script_exports_both_models_alike(tmp_path):
     assert row['flop_ratio'] > 1  # the baked model computes no attention from the positional table
     assert json.loads(out.read_text())['environment']['onnxruntime']
     assert os.listdir(tmp_path) == ['onnx.json']  # the exported files lived in a temporary folder
+
+
+def test_distill_step_times_both_tasks_and_refuses_bad_input(tmp_path, capsys):
+    distill_step = _load_script('distill_step')
+    out = tmp_path / 'distill.json'
+    result = distill_step.main(['--student', 'vit_posattn_tiny_patch4_32', '--teacher', 'vit_tiny_patch16_224',
+                                '-b', '2', '--warmup', '0', '--repeats', '1', '--json', str(out)])
+    steps = [row['step'] for row in result['rows']]
+    assert steps == ['student, ClassificationTask', 'student, LogitDistillationTask',
+                     'teacher architecture, ClassificationTask']
+    assert result['rows'][0]['ratio_to_plain_student'] == 1.0
+    assert all(row['seconds_per_step'] > 0 for row in result['rows'])
+    assert json.loads(out.read_text())['rows'] == result['rows']
+    with pytest.raises(UsageError, match='already holds distill.json from an earlier run of benchmarks/distill_step'):
+        distill_step.main(['--json', str(out)])  # refused before any work
+    with pytest.raises(UsageError, match='unknown model architecture'):
+        distill_step.main(['--student', 'no_such_model'])
+    with pytest.raises(SystemExit) as e:
+        distill_step.main(['--repeats', '0'])
+    assert e.value.code == 2 and 'out of range' in capsys.readouterr().err
