@@ -52,10 +52,14 @@ def test_export_that_fails_a_check_writes_nothing(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_missing_export_packages_are_one_clear_error(monkeypatch):
+@pytest.mark.parametrize('missing', [('onnx', 'onnxruntime'), ('onnxruntime',)])
+def test_missing_export_packages_are_one_clear_error(monkeypatch, missing):
+    """Runs with or without the extra: the packages are hidden from the check, and only the hidden ones (or, without
+    the extra, every absent one) are named."""
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None if name == 'onnxruntime' else real(name, *a))
-    with pytest.raises(export.ExportError, match=r'needs onnxruntime: install the export extra, .*\[export\]'):
+    monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None if name in missing else real(name, *a))
+    absent = [name for name in export.EXPORT_PACKAGES if name in missing or real(name) is None]
+    with pytest.raises(export.ExportError, match=rf'needs {", ".join(absent)}: install the export extra, .*\[export\]'):
         export.require_export_packages()
 
 
