@@ -376,6 +376,27 @@ def test_upload_after_verification_and_card_without_results(run_dir, tmp_path, f
     assert '| Top-1 accuracy (%) | not measured |' in body
 
 
+def test_release_entry_only_when_the_registered_tag_rebuilds_the_weights(run_dir, tmp_path, fake_hub, capsys):
+    """pretrained=True for a registered tag builds the architecture's defaults: weights trained with other model
+    kwargs (the main job's depth=1 tied model, here depth=2) are uploaded but get no releases.json entry; weights of
+    the default architecture do."""
+    tagged = f'{MODEL}.structured'
+    summary = publish.publish(str(run_dir / 'checkpoint.pth.tar'), tagged, str(tmp_path / 'a'), repo_id=REPO_ID,
+                              benchmark=False)
+    assert 'do not fit the default' in summary['tag_mismatch'] and 'release_entry' not in summary
+    torch.manual_seed(0)
+    default = timm.create_model(MODEL, num_classes=2)
+    path = tmp_path / 'default.pth.tar'
+    torch.save(loading.make_checkpoint(MODEL, 0, default.state_dict(), dict(model=MODEL, num_classes=2)), path)
+    summary = publish.publish(str(path), tagged, str(tmp_path / 'b'), repo_id=REPO_ID, benchmark=False, force=True)
+    assert summary['tag_mismatch'] is None and summary['release_entry']['hf_hub_id'] == REPO_ID
+    # same weights, other pooling: they load into the default model but compute other logits
+    avg = timm.create_model(MODEL, num_classes=2, global_pool='avg', fc_norm=False)
+    avg.load_state_dict(default.state_dict())
+    why = publish.tag_rebuilds_model(avg, MODEL, (3, 32, 32))
+    assert why is not None and 'computes other logits' in why
+
+
 def test_existing_repo_not_overwritten_without_force(published, fake_hub):
     fake_hub.files = ['README.md', 'config.json', 'model.safetensors']
     with pytest.raises(publish.RefusedOverwrite, match='--force'):

@@ -148,6 +148,30 @@ def verify_folder(folder: Path, source: torch.nn.Module, atol: float = 1e-5, see
     return diff
 
 
+def tag_rebuilds_model(source: torch.nn.Module, architecture: str, input_size: Sequence[int], atol: float = 1e-5,
+                       seed: int = 0) -> Optional[str]:
+    """Whether `timm.create_model('ARCH.TAG', pretrained=True)` would rebuild these weights: a registered tag builds
+    the architecture's defaults and cannot pass model kwargs (only `hf-hub:` reads config.json's model_args). None
+    when it would; otherwise why not, in words."""
+    import timm
+    default = timm.create_model(architecture, num_classes=source.num_classes).eval()
+    ours, theirs = source.state_dict(), default.state_dict()
+    differ = sorted(set(ours) ^ set(theirs)) + [k for k in ours if k in theirs and ours[k].shape != theirs[k].shape]
+    if differ:
+        return (f'its weights do not fit the default {architecture} ({len(differ)} tensors missing, extra or of '
+                f'another shape, e.g. {differ[0]}; the checkpoint was trained with other model kwargs)')
+    default.load_state_dict(ours)
+    x = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(seed))
+    try:
+        with torch.no_grad():
+            diff = (default(x) - source.eval()(x)).abs().max().item()
+    except (AssertionError, RuntimeError, ValueError) as e:
+        return f'the default {architecture} does not take its inputs ({" ".join(str(e).split())[:160]})'
+    if not diff <= atol:
+        return f'the default {architecture} computes other logits with its weights (max difference {diff:.3g})'
+    return None
+
+
 def _matching_label_names(model: torch.nn.Module) -> Optional[Sequence[str]]:
     """Label names of the model's own pretrained cfg, when they fit its classifier."""
     names = model.pretrained_cfg.get('label_names')
@@ -304,10 +328,14 @@ def publish(checkpoint: str, model_name: str, out: str, repo_id: Optional[str] =
 
     summary = dict(out=str(folder.path.resolve()), weights=ckpt.describe(weights), max_logit_diff=diff,
                    weights_sha256=weights_sha256, stats=stats, result=result)
+    if tag:  # a releases.json entry for the tag makes pretrained=True build the default architecture
+        summary['tag_mismatch'] = tag_rebuilds_model(source, architecture, config['pretrained_cfg']['input_size'],
+                                                     atol=atol)
     if repo_id:
         commit = upload_folder(folder.path, repo_id, revision=revision, force=force)
         summary['commit'] = getattr(commit, 'oid', None)
-        summary['release_entry'] = release_entry(repo_id, summary['commit'], weights_sha256)
+        if not summary.get('tag_mismatch'):
+            summary['release_entry'] = release_entry(repo_id, summary['commit'], weights_sha256)
     return summary
 
 
@@ -352,9 +380,16 @@ def _publish(argv: Sequence[str]) -> None:
         card_license=args.license, atol=args.atol)
     print(f"Published {summary['weights']} to {summary['out']} ({', '.join(PUBLISHED_FILES)}; verified: max "
           f"|logit diff| {summary['max_logit_diff']:.2g}; model.safetensors sha256 {summary['weights_sha256']})")
+    if summary.get('tag_mismatch'):
+        _logger.warning(f"timm.create_model('{args.model}', pretrained=True) could not load these weights: "
+                        f"{summary['tag_mismatch']}. Load them with hf-hub:{args.repo_id or 'ORG/NAME'} or "
+                        f"local-dir:{args.out} (config.json records the model kwargs); no releases.json entry is "
+                        f"offered for the tag.")
     if 'release_entry' in summary:
         print('Uploaded. To advertise these weights, add this entry to timm_posattn/releases.json:\n'
               + json.dumps(summary['release_entry'], indent=2))
+    elif args.repo_id:
+        print(f'Uploaded to {args.repo_id}.')
 
 
 def main(argv: Optional[List[str]] = None) -> int:
