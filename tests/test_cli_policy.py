@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import train  # noqa: E402
+from cli_assertions import assert_one_line_error  # noqa: E402
 from timm_posattn import paper  # noqa: E402
 
 TINY = ['--model-kwargs', 'depth=1', 'embed_dim=24', 'num_heads=2', '-j', '0', '--log-interval', '100']
@@ -33,24 +34,6 @@ def call(entry, argv, capsys):
         code = e.code
     out, err = capsys.readouterr()
     return code, out, err
-
-
-def assert_one_line_error(code, err, *expected):
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert code == 2, err
-    assert len(lines) == 1 and lines[0].startswith('error: '), err
-    assert 'Traceback' not in err
-    for text in expected:
-        assert text in lines[0], lines[0]
-
-
-@pytest.fixture
-def no_model(monkeypatch):
-    """Building a model fails the test: argument checks must come first."""
-    def refuse(*args, **kwargs):
-        raise AssertionError('a model was built before the arguments were checked')
-    monkeypatch.setattr(train, 'build_model', refuse)
-    monkeypatch.setattr(train.timm, 'create_model', refuse)
 
 
 # --------------------------------------------------------------------------------------------------------------------

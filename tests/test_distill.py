@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import train  # noqa: E402
+from cli_assertions import assert_one_line_error  # noqa: E402
 from timm_posattn.dataset_info import STRUCTURED_MEAN, STRUCTURED_STD  # noqa: E402
 from timm_posattn.loading import load_model, make_checkpoint, read_checkpoint  # noqa: E402
 from timm_posattn.structured import StructuredImageDataset  # noqa: E402
@@ -189,23 +190,6 @@ def run_command(argv):
         return train.run([str(a) for a in argv])
     except SystemExit as e:
         return e.code
-
-
-def assert_one_line_error(code, err, *expected):
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert code == 2, err
-    assert len(lines) == 1 and lines[0].startswith('error: ') and 'Traceback' not in err, err
-    for text in expected:
-        assert text in lines[0], lines[0]
-
-
-@pytest.fixture
-def no_model(monkeypatch):
-    """Building a model (student or teacher) fails the test: these checks must come first."""
-    def refuse(*args, **kwargs):
-        raise AssertionError('a model was built before the arguments were checked')
-    monkeypatch.setattr(train, 'build_model', refuse)
-    monkeypatch.setattr(train.timm, 'create_model', refuse)
 
 
 @pytest.mark.parametrize('argv, expected', [

@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import train  # noqa: E402
+from cli_assertions import assert_one_line_error  # noqa: E402
 from timm_posattn.association import model_association  # noqa: E402
 from timm_posattn.data import DatasetError, create_dataset  # noqa: E402
 from timm_posattn.loading import load_model, make_checkpoint, read_checkpoint  # noqa: E402
@@ -46,13 +47,6 @@ def read_summary(path):
 def snapshot(folder):
     """Every file of a folder, byte for byte."""
     return {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir()) if p.is_file()}
-
-
-def assert_one_line_error(code, err, *expected):
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert code == 2 and len(lines) == 1 and lines[0].startswith('error: ') and 'Traceback' not in err, err
-    for text in expected:
-        assert text in lines[0], lines[0]
 
 
 @pytest.fixture(scope='module')
