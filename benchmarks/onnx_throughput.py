@@ -23,7 +23,7 @@ import timm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import throughput  # noqa: E402  (this folder's benchmark: baselines, FLOP counts, environment, policies)
-from timm_posattn.cli import ArgumentParser, UsageError, int_range, run_command  # noqa: E402
+from timm_posattn.cli import ArgumentParser, int_range, run_command  # noqa: E402
 from timm_posattn.export import export_onnx, require_export_packages  # noqa: E402
 
 
@@ -144,10 +144,9 @@ def build_parser() -> ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    unknown = [m for m in args.models if not timm.is_model(m.split('.')[0])]
-    if unknown:
-        raise UsageError(f'unknown model(s) {unknown}: expected names registered with timm')
-    output = throughput.claim_output(args.json, args.overwrite) if args.json else None  # refuse before the run
+    throughput.require_models(args.models, args.img_size)
+    output = (throughput.claim_output(args.json, args.overwrite, 'benchmarks/onnx_throughput.py') if args.json
+              else None)  # refuse before the run
     require_export_packages(('onnx', 'onnxruntime') + (('onnxscript',) if args.dynamo else ()))
     threads = args.threads or torch.get_num_threads()
     rows, start = [], time.perf_counter()

@@ -26,7 +26,6 @@ In both cases what the other models of the round hold is subtracted, so each fig
 
 Usage and the meaning of every output field: benchmarks/README.md.
 """
-import argparse
 import copy
 import gc
 import json
@@ -728,6 +727,22 @@ def plot_sweep(rows: Sequence[Dict[str, Any]], write: Callable[[Callable[[Any], 
         plt.close(fig)
 
 
+def require_models(models: Sequence[str], img_sizes: Sequence[Optional[int]],
+                   model_kwargs: Optional[Dict[str, Any]] = None) -> None:
+    """Every model of a sweep is registered and builds at every size (on the meta device): a bad name, size or kwarg
+    is refused before minutes of timing, not midway through them."""
+    unknown = [m for m in models if not timm.is_model(m.split('.')[0])]
+    if unknown:
+        raise UsageError(f'unknown model(s) {unknown}: expected names registered with timm')
+    for name in models:
+        for img_size in img_sizes:
+            kwargs = dict(model_kwargs or {}, **({} if img_size is None else {'img_size': img_size}))
+            try:
+                timm.create_model(name, pretrained=False, device='meta', **kwargs)
+            except (TypeError, ValueError) as e:
+                raise UsageError(f'{name} cannot be built with {kwargs}: {" ".join(str(e).split())}') from None
+
+
 def claim_output(path: str, overwrite: bool, command: str = 'benchmarks/throughput.py') -> Tuple[OutputFolder, str]:
     """The output-folder policy for one file the user named: refused before any work if it exists, unless
     --overwrite; written atomically."""
@@ -791,11 +806,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         raise UsageError('--device cuda: no CUDA device is available')
     if args.timer == 'process' and args.device != 'cpu':
         raise UsageError('--timer process measures CPU time: use it with --device cpu')
-    unknown = [m for m in args.models if not timm.is_model(m.split('.')[0])]
-    if unknown:
-        raise UsageError(f'unknown model(s) {unknown}: expected names registered with timm')
     if args.img_size and 'img_size' in args.model_kwargs:
         raise UsageError('give the image size with --img-size or in --model-kwargs, not both')
+    require_models(args.models, args.img_size or [None], args.model_kwargs)
     outputs = [claim_output(path, args.overwrite) for path in (args.json, args.plot) if path]  # refuse before the run
     if args.num_threads is not None:
         torch.set_num_threads(args.num_threads)

@@ -194,6 +194,11 @@ def test_main_rejects_bad_input(capsys):
         throughput.main(['--models', 'vit_posattn_nonexistent'])
     with pytest.raises(throughput.UsageError, match='not both'):
         throughput.main(['--models', TINY, '--img-size', '48', '--model-kwargs', 'img_size=32'])
+    # a size the patches do not divide, or a kwarg typo, is refused before any size of the sweep is timed
+    with pytest.raises(throughput.UsageError, match=r'cannot be built .*not divisible by patch_size'):
+        throughput.main(['--models', TINY, '--img-size', '32', '33'])
+    with pytest.raises(throughput.UsageError, match='cannot be built'):
+        throughput.main(['--models', TINY, '--model-kwargs', 'depthh=2'])
     for bad in (['--batch-size', '0'], ['--img-size', '-1'], ['--repeats', '0'], ['--reparam-batch-size', 'x']):
         with pytest.raises(SystemExit) as exc:
             throughput.main(['--models', TINY] + bad)
