@@ -44,7 +44,9 @@ from timm.task import (
 )
 
 import timm_posattn  # noqa: F401  registers the vit_posattn_* models with timm
-from timm_posattn.cli import ArgumentParser, ParseKwargs, UsageError, device_arg, float_range, int_range, run_command
+from timm_posattn.cli import (
+    ArgumentParser, ParseKwargs, UsageError, device_arg, float_range, int_range, one_line, run_command,
+)
 from timm_posattn.data import create_dataset, is_structured
 from timm_posattn.dataset_info import get_dataset_info
 from timm_posattn.files import atomic_write
@@ -710,7 +712,7 @@ def restore_training_state(ckpt: TrainCheckpoint, model: Union[nn.Module, Traini
     try:
         epoch = resume(model, ckpt.path, optimizer=optimizer, loss_scaler=loss_scaler, log_info=log_info)
     except (RuntimeError, ValueError, KeyError) as e:
-        detail = ' '.join(str(e).split())[:300]
+        detail = one_line(e)[:300]
         raise LoadError(f"--resume '{ckpt.path}' does not fit this run's model or optimizer ({detail}); "
                         f"--no-resume-opt starts a fresh optimizer state") from None
     return epoch if epoch is not None else ckpt.epoch + 1
@@ -1028,7 +1030,7 @@ def create_loaders(args: argparse.Namespace, dataset_train, dataset_eval, data_c
             collate_fn=collate_fn, worker_seeding=args.worker_seeding, **common_loader)
     except (AssertionError, KeyError, ValueError) as e:  # timm parses --aa and the crop options here
         raise UsageError(f'the training augmentation cannot be built from these options (--aa {args.aa!r}, '
-                         f'--scale, --ratio, --color-jitter ...): {" ".join(str(e).split()) or type(e).__name__}'
+                         f'--scale, --ratio, --color-jitter ...): {one_line(e)}'
                          ) from None
     loader_eval = None
     if dataset_eval is not None:
@@ -1151,7 +1153,7 @@ def create_teacher(args: argparse.Namespace, loaded: LoadedModel, data_config: D
             teacher(torch.zeros(1, *input_size, device=device))
     except (AssertionError, RuntimeError, ValueError) as e:
         raise UsageError(f'--kd-model-name {source} does not take the student\'s {"x".join(map(str, input_size))} '
-                         f'inputs: {" ".join(str(e).split())[:200]}') from None
+                         f'inputs: {one_line(e)[:200]}') from None
     wrapped = DistillationTeacher(teacher, device=device)  # takes the teacher's mean/std from its pretrained cfg
 
     def norm(values) -> str:
@@ -1183,7 +1185,7 @@ def create_task(args: argparse.Namespace, model: nn.Module, criterion: nn.Module
                                      temperature=args.kd_temperature or 1.0, device=device, verbose=verbose,
                                      **weights)
     except ValueError as e:  # a student without a distillation head (token), features of unknown width (feature)
-        raise UsageError(f'--kd-distill-type {kind} does not apply to {args.model}: {" ".join(str(e).split())}'
+        raise UsageError(f'--kd-distill-type {kind} does not apply to {args.model}: {one_line(e)}'
                          ) from None
 
 
@@ -1204,7 +1206,7 @@ def create_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.
         return create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **args.opt_kwargs)
     except (TypeError, ValueError) as e:
         raise UsageError(f'--opt {args.opt} cannot be created with these settings (--opt-kwargs {args.opt_kwargs}, '
-                         f'--momentum, --opt-betas, --opt-eps, --layer-decay): {" ".join(str(e).split())}') from None
+                         f'--momentum, --opt-betas, --opt-eps, --layer-decay): {one_line(e)}') from None
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -1333,7 +1335,7 @@ def main(argv: Optional[Sequence[str]] = None, progress: Optional[Progress] = No
             optimizer, **scheduler_kwargs(args, decreasing_metric=args.eval_metric == 'loss'),
             updates_per_epoch=updates_per_epoch)
     except (AssertionError, ValueError) as e:
-        raise UsageError(f'--sched {args.sched} cannot be built with these settings: {" ".join(str(e).split())}'
+        raise UsageError(f'--sched {args.sched} cannot be built with these settings: {one_line(e)}'
                          ) from None
     start_epoch = args.start_epoch if args.start_epoch is not None else (resume_epoch or 0)
     if lr_scheduler is not None and start_epoch > 0:

@@ -60,7 +60,7 @@ def _import_posattn():
 
 
 timm_posattn = _import_posattn()
-from timm_posattn.cli import ArgumentParser, UsageError, int_range, run_command  # noqa: E402
+from timm_posattn.cli import ArgumentParser, UsageError, int_range, one_line, run_command  # noqa: E402
 from timm_posattn.flops import FlopCounter  # noqa: E402
 from timm_posattn.machine import cpu_name  # noqa: E402
 from timm_posattn.outputs import OutputFolder  # noqa: E402
@@ -740,7 +740,7 @@ def require_models(models: Sequence[str], img_sizes: Sequence[Optional[int]],
             try:
                 timm.create_model(name, pretrained=False, device='meta', **kwargs)
             except (TypeError, ValueError) as e:
-                raise UsageError(f'{name} cannot be built with {kwargs}: {" ".join(str(e).split())}') from None
+                raise UsageError(f'{name} cannot be built with {kwargs}: {one_line(e)}') from None
 
 
 def claim_output(path: str, overwrite: bool, command: str = 'benchmarks/throughput.py') -> Tuple[OutputFolder, str]:

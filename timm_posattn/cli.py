@@ -14,7 +14,7 @@ from typing import Any, Callable, NoReturn, Optional, Sequence
 from timm.utils import ParseKwargs as _TimmParseKwargs
 
 __all__ = [
-    'UsageError', 'ArgumentParser', 'ParseKwargs', 'device_arg', 'int_range', 'float_range', 'run_command',
+    'UsageError', 'ArgumentParser', 'ParseKwargs', 'device_arg', 'int_range', 'float_range', 'one_line', 'run_command',
     'EXIT_USAGE', 'EXIT_INTERRUPTED',
 ]
 
@@ -119,7 +119,8 @@ def device_arg(text: str) -> str:
     return text
 
 
-def _one_line(error: BaseException) -> str:
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line (its type when it has none), for a one-line error that quotes it."""
     text = ' '.join(str(error).split())  # one line, whatever the exception's message looked like
     return text or type(error).__name__
 
@@ -144,7 +145,7 @@ def run_command(
             raise
         for handler in logging.getLogger().handlers:  # earlier log lines first (not shutdown: callers may go on)
             handler.flush()
-        print(f'error: {_one_line(e)}', file=sys.stderr)
+        print(f'error: {one_line(e)}', file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         if debug:

@@ -34,7 +34,7 @@ from timm.models import VisionTransformer, get_pretrained_cfg
 from timm.models.vision_transformer import Block
 from timm.utils import AttentionExtract
 
-from .cli import ArgumentParser, UsageError, float_range, int_range, run_command
+from .cli import ArgumentParser, UsageError, float_range, int_range, one_line, run_command
 from .layers import LogitsAttentionMap, PositionalBlock, list_pos_attn_layers
 from .loading import check_finite, load_model, make_checkpoint, read_checkpoint
 from .outputs import OutputFolder
@@ -170,7 +170,7 @@ def _build_positional_twin(source: nn.Module, arch: str, model_kwargs: Dict[str,
         standard = timm.create_model(arch, **{**model_kwargs, 'pos_attn_layers': 'none'})
         model = timm.create_model(arch, **model_kwargs)
     except (TypeError, ValueError) as e:
-        raise ConvertError(f'cannot build the positional twin {arch}: {" ".join(str(e).split())}') from None
+        raise ConvertError(f'cannot build the positional twin {arch}: {one_line(e)}') from None
     device = next(source.parameters()).device
     state_dict = source.state_dict()
     incompatible = standard.load_state_dict(state_dict, strict=False)

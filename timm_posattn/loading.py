@@ -29,7 +29,7 @@ import torch.nn as nn
 import timm
 from timm.models import clean_state_dict, is_model, parse_model_name, resolve_pretrained_cfg, split_model_name_tag
 
-from .cli import UsageError
+from .cli import UsageError, one_line
 
 __all__ = [
     'LoadError', 'WeightsFileError', 'UnknownArchitectureError', 'NonFiniteWeightsError', 'TrainCheckpoint',
@@ -195,7 +195,7 @@ def read_checkpoint(path: Union[str, Path], mmap: bool = False) -> TrainCheckpoi
     try:
         ckpt = _torch_load(path, mmap=mmap)
     except Exception as e:
-        detail = ' '.join(str(e).split()).split('. ')[0][:200] or type(e).__name__  # torch's first sentence
+        detail = one_line(e).split('. ')[0][:200]  # torch's first sentence
         raise WeightsFileError(f"could not read checkpoint '{path}' (truncated, damaged or not a PyTorch "
                                f"checkpoint; loaded with weights_only=True): {detail}") from None
     if not isinstance(ckpt, dict):
@@ -279,7 +279,7 @@ def check_safetensors(path: Union[str, Path], expected_sha256: Optional[str] = N
         with safe_open(str(path), framework='pt'):
             pass
     except SafetensorError as e:
-        raise WeightsFileError(f'{path}: damaged or incomplete safetensors file ({" ".join(str(e).split())}); '
+        raise WeightsFileError(f'{path}: damaged or incomplete safetensors file ({one_line(e)}); '
                                f'download or publish it again') from None
     if expected_sha256:
         actual = sha256_file(path)
@@ -350,7 +350,7 @@ def _hf_download(hub_id: str, filename: str, cache_dir: Optional[Union[str, Path
     except EntryNotFoundError:
         return None
     except (HfHubHTTPError, OSError, ValueError) as e:
-        raise LoadError(f"hf-hub:{hub_id}: could not get {filename}: {' '.join(str(e).split())[:200]}") from None
+        raise LoadError(f"hf-hub:{hub_id}: could not get {filename}: {one_line(e)[:200]}") from None
 
 
 def _check_hub_weights(hub_id: str, expected_sha256: Optional[str], cache_dir, filename: str = WEIGHTS_NAME) -> None:
@@ -411,7 +411,7 @@ def parse_source(source: Union[str, Path]) -> Tuple[Optional[str], str]:
         if ':' not in name and not os.path.exists(name):  # a path (timm names have no '/' or '\\')
             raise LoadError(f"'{name}' not found: expected a model name, an existing checkpoint file or folder, "
                             f"hf-hub:ORG/REPO or local-dir:FOLDER") from None
-        raise LoadError(' '.join(str(e).split())) from None
+        raise LoadError(one_line(e)) from None
 
 
 def _create(name: str, origin: str, **kwargs: Any) -> nn.Module:
@@ -423,13 +423,13 @@ def _create(name: str, origin: str, **kwargs: Any) -> nn.Module:
         raise
     except (TypeError, ValueError, AssertionError) as e:
         raise LoadError(f'could not build {name} ({origin}) with {kwargs or "its defaults"}: '
-                        f'{" ".join(str(e).split())}') from None
+                        f'{one_line(e)}') from None
     except RuntimeError as e:
         if type(e).__name__ == 'SafetensorError' or 'Error(s) in loading state_dict' in str(e):
             raise WeightsFileError(f'loading the weights of {name} ({origin}) failed: '
-                                   f'{" ".join(str(e).split())[:300]}') from None
+                                   f'{one_line(e)[:300]}') from None
         if 'No pretrained weights exist' in str(e) or 'Invalid pretrained tag' in str(e):
-            raise LoadError(f'{name}: {" ".join(str(e).split())}') from None
+            raise LoadError(f'{name}: {one_line(e)}') from None
         raise
 
 
@@ -449,7 +449,7 @@ def load_weights(model: nn.Module, checkpoint: Union[str, TrainCheckpoint], use_
             try:
                 state_dict = checkpoint_filter_fn(state_dict, model)
             except ValueError as e:
-                raise LoadError(f'{ckpt.path}: {" ".join(str(e).split())}') from None
+                raise LoadError(f'{ckpt.path}: {one_line(e)}') from None
     try:
         incompatible = model.load_state_dict(state_dict, strict=False)
     except RuntimeError as e:  # shapes that do not fit (strict=False still refuses those)

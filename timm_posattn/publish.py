@@ -28,7 +28,7 @@ import torch
 from timm.models import save_for_hf, split_model_name_tag
 from timm.utils import reparameterize_model
 
-from .cli import ArgumentParser, UsageError, device_arg, float_range, run_command
+from .cli import ArgumentParser, UsageError, device_arg, float_range, one_line, run_command
 from .loading import (
     PUBLISH_INFO_KEY, WEIGHTS_NAME, add_ema_arguments, build_model, load_model, read_checkpoint, require_registered,
     sha256_file,
@@ -166,7 +166,7 @@ def tag_rebuilds_model(source: torch.nn.Module, architecture: str, input_size: S
         with torch.no_grad():
             diff = (default(x) - source.eval()(x)).abs().max().item()
     except (AssertionError, RuntimeError, ValueError) as e:
-        return f'the default {architecture} does not take its inputs ({" ".join(str(e).split())[:160]})'
+        return f'the default {architecture} does not take its inputs ({one_line(e)[:160]})'
     if not diff <= atol:
         return f'the default {architecture} computes other logits with its weights (max difference {diff:.3g})'
     return None
@@ -200,7 +200,7 @@ def _on_hub(what: str, call: Callable[..., Any], *args: Any, passthrough: Tuple[
     except passthrough:
         raise
     except _network_errors() as e:
-        detail = ' '.join(str(e).split())[:300] or type(e).__name__
+        detail = one_line(e)[:300] or type(e).__name__
         raise HubError(f'{what}: the Hugging Face Hub could not be reached or refused ({detail})') from None
 
 
