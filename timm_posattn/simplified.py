@@ -26,7 +26,10 @@ from .association import association_metrics
 from .layers import get_pos_attn_layer, list_pos_attn_layers
 from .structured import StructuredConfig, make_structure, sample_structured
 
-__all__ = ['SimplifiedPositionalModel', 'logistic_loss', 'accuracy', 'train_online', 'train_fixed', 'INITS', 'ATTENTION', 'INIT']
+__all__ = [
+    'SimplifiedPositionalModel', 'logistic_loss', 'accuracy', 'train_online', 'train_fixed', 'INITS', 'ATTENTION',
+    'INIT',
+]
 
 INITS = ('local', 'random')
 # The default form and init, chosen by measurement (docs/paper_experiments.md): the tied form (logits a Gram matrix

@@ -48,7 +48,7 @@ from timm.models._features import feature_take_indices  # timm's own models impo
 from timm.models.vision_transformer import Block, get_init_weights_vit, global_pool_nlc
 
 from .dataset_info import DATASETS
-from .layers import GridSize, PositionalAttention, PositionalAttentionMap, PositionalBlock
+from .layers import GridSize, PositionalAttentionMap, PositionalBlock
 from .releases import hub_cfg
 
 __all__ = ['VisionTransformerPosAttn', 'StandardBlock', 'checkpoint_filter_fn', 'resolve_pos_attn_layers']
