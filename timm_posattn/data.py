@@ -1,7 +1,9 @@
 """Dataset factory for training and evaluation.
 
 timm's ``create_dataset`` covers image folders, tar files, ``torch/cifar10``/``torch/cifar100``, ``hfds/``, ``wds/``
-and more, but not SVHN nor the paper's synthetic dataset. This module adds those two and otherwise defers to timm,
+and more, but not SVHN nor the paper's synthetic dataset, and it reads ``torch/mnist`` / ``torch/fashion_mnist`` only
+from uncompressed files in torchvision's layout. This module adds SVHN and the synthetic dataset, reads the MNIST
+family from gzipped or plain idx files in either layout (`idx_datasets`), and otherwise defers to timm,
 turning the many ways a missing or malformed dataset fails (AssertionError, RuntimeError, FileNotFoundError...)
 into one :class:`DatasetError` whose message says what was expected, so scripts can print a single line.
 """
@@ -11,13 +13,14 @@ from typing import Any, Optional
 from torch.utils.data import Dataset
 from timm.data import create_dataset as timm_create_dataset
 
-from .cli import UsageError
+from .cli import UsageError, one_line
 from .dataset_info import DatasetInfo, get_dataset_info
 
 __all__ = ['DatasetError', 'create_dataset', 'is_structured']
 
 _STRUCTURED = get_dataset_info('structured')
 _SVHN = get_dataset_info('svhn')
+_IDX = ('mnist', 'fashion_mnist')  # the table keys read by `idx_datasets`
 _FOLDER_NAMES = ('', 'folder', 'image_folder', 'imagefolder')
 _SIZED_BY_NUM_SAMPLES = ('hfids', 'tfds', 'wds')  # timm's iterable readers take num_samples; other datasets do not
 # the split folders timm's folder datasets look for (timm.data.dataset_factory: the split's name, or a synonym)
@@ -60,6 +63,31 @@ def _create_svhn(root: Optional[str], split: str, download: bool) -> Dataset:
         hint = '' if download else ' (add --dataset-download to fetch it)'
         raise DatasetError(f"dataset 'torch/svhn' split '{split}' not found under '{root}': "
                            f"expected {split}_32x32.mat{hint}") from e
+
+
+def _create_idx(info: DatasetInfo, root: Optional[str], split: str, download: bool) -> Dataset:
+    from .idx_datasets import FashionMNISTFiles, IdxFileError, MNISTFiles, idx_file_names
+    name = info.dataset_name
+    cls = FashionMNISTFiles if info.key == 'fashion_mnist' else MNISTFiles
+    split = _split(info, split)
+    files = ', '.join(f'{n}(.gz)' for n in idx_file_names(split == 'train'))
+    where = f"expected {files} in it or in its {cls.folder_name}/raw/"
+    hint = f"; {info.install_hint}" if info.install_hint else ''
+    if not root:
+        raise DatasetError(f"dataset '{name}' needs --data-dir: the folder of its idx files ({files}){hint}, "
+                           f"or add --dataset-download to fetch them")
+    if not download and not os.path.isdir(root):
+        raise DatasetError(f"dataset folder '{root}' for '{name}' does not exist: {where}{hint}, "
+                           f"or add --dataset-download to fetch them")
+    try:
+        return cls(root, train=split == 'train', download=download)
+    except IdxFileError as e:
+        raise DatasetError(f"dataset '{name}' split '{split}': {e}") from None
+    except RuntimeError as e:  # torchvision: not found (and not downloaded), or the download failed
+        if download:
+            raise DatasetError(f"dataset '{name}' could not be downloaded to '{root}': {one_line(e)[:200]}") from None
+        raise DatasetError(f"dataset '{name}' split '{split}' not found in '{root}': {where}{hint}, "
+                           f"or add --dataset-download to fetch them") from None
 
 
 def _check_split_folder(root: str, split: str) -> None:
@@ -135,6 +163,9 @@ def create_dataset(
         return _create_structured(split, num_samples, data_seed)
     if name.lower() == _SVHN.dataset_name:
         return _create_svhn(root, split, download)
+    info = get_dataset_info(name) if name.lower().startswith('torch/') else None
+    if info is not None and info.key in _IDX:
+        return _create_idx(info, root, split, download)
 
     _check_root(name, root, download, split)
     try:

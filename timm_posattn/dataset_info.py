@@ -24,6 +24,9 @@ CIFAR100_LABELS = tuple(
     'snail snake spider squirrel streetcar sunflower sweet_pepper table tank telephone television tiger tractor '
     'train trout tulip turtle wardrobe whale willow_tree wolf woman worm'.split())
 
+FASHION_MNIST_LABELS = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag',
+                        'Ankle boot')
+
 _TRAIN = {'train': 'train', 'training': 'train'}
 _EVAL = {name: 'validation' for name in ('val', 'valid', 'validation', 'eval', 'evaluation')}
 
@@ -45,6 +48,7 @@ class DatasetInfo:
     interpolation: str = 'bicubic'
     synthetic: bool = False
     phrase: Optional[str] = None  # how a card's sentence names it (default: the title)
+    install_hint: Optional[str] = None  # how to get the files onto a machine without a download (error messages)
 
     @property
     def dataset_name(self) -> str:
@@ -75,6 +79,17 @@ DATASETS: Dict[str, DatasetInfo] = {info.key: info for info in (
         mean=(0.4377, 0.4438, 0.4728), std=(0.1980, 0.2010, 0.1970), label_names=tuple(str(i) for i in range(10)),
         hub_id='svhn', splits={**_TRAIN, **{k: 'test' for k in _EVAL}, 'test': 'test', 'extra': 'extra'},
         input_size=(3, 32, 32), crop_pct=1.0, interpolation='bilinear'),
+    DatasetInfo(  # 'validation' is the 10,000-image test set (the only held-out split; papers report it)
+        key='fashion_mnist', title='Fashion-MNIST', names=('torch/fashion_mnist', 'fashion_mnist'), num_classes=10,
+        mean=(0.2860,), std=(0.3530,), label_names=FASHION_MNIST_LABELS, hub_id='zalando-datasets/fashion_mnist',
+        splits={**_TRAIN, **{k: 'test' for k in _EVAL}, 'test': 'test'}, input_size=(1, 28, 28), crop_pct=1.0,
+        interpolation='bilinear',
+        install_hint="'apt-get install dataset-fashion-mnist' puts them in /usr/share/datasets/fashion-mnist"),
+    DatasetInfo(
+        key='mnist', title='MNIST', names=('torch/mnist', 'mnist'), num_classes=10, mean=(0.1307,), std=(0.3081,),
+        label_names=tuple(str(i) for i in range(10)), hub_id='ylecun/mnist',
+        splits={**_TRAIN, **{k: 'test' for k in _EVAL}, 'test': 'test'}, input_size=(1, 28, 28), crop_pct=1.0,
+        interpolation='bilinear'),
     DatasetInfo(
         key='imagenet', title='ImageNet-1k', names=('imagenet', 'imagenet1k', 'imagenet-1k', 'in1k'),
         num_classes=1000, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), label_names=None,
