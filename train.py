@@ -18,14 +18,12 @@ import argparse
 import importlib
 import logging
 import os
-import re
 import sys
 import time
 from collections import OrderedDict
 from contextlib import suppress
-from datetime import datetime
 from functools import partial
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -35,12 +33,12 @@ import timm
 from timm import utils
 from timm.data import create_loader, resolve_data_config, Mixup, FastCollateMixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy, BinaryCrossEntropy
-from timm.models import parse_model_name, resume_checkpoint, safe_model_name, split_model_name_tag
+from timm.models import parse_model_name, split_model_name_tag
 from timm.optim import create_optimizer_v2, get_optimizer_info, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.task import (
     ClassificationTask, DistillationTeacher, FeatureDistillationTask, LogitDistillationTask, TokenDistillationTask,
-    TrainingTask, resume_task_checkpoint,
+    TrainingTask,
 )
 
 import timm_posattn  # noqa: F401  registers the vit_posattn_* models with timm
@@ -49,28 +47,23 @@ from timm_posattn.cli import (
 )
 from timm_posattn.data import create_dataset, is_structured
 from timm_posattn.dataset_info import get_dataset_info
-from timm_posattn.files import atomic_write
 from timm_posattn.loading import (
-    LoadError, LoadedModel, TrainCheckpoint, checkpoint_model_kwargs, load_model, load_weights, make_checkpoint,
-    open_model, parse_source, plain_args, read_checkpoint, require_registered, set_preprocessing,
+    LoadError, LoadedModel, TrainCheckpoint, load_model, load_weights, open_model, parse_source, plain_args,
+    read_checkpoint, require_registered, same_kwarg_value, set_preprocessing,
 )
-from timm_posattn.outputs import OutputFolder
+from timm_posattn.run_folder import (
+    DEFAULT_OUTPUT, AtomicCheckpointSaver, Progress, RunFolder, check_resume_model, check_resume_options, check_resume_ranking,
+    discard_abandoned_run, read_resume_checkpoint, reconcile_best, resolve_run_folder, restore_training_state,
+    saved_epoch,
+)
 
 _logger = logging.getLogger('train')
 
 DEFAULT_MODEL = 'vit_posattn_tiny_patch4_32'
-DEFAULT_OUTPUT = './output/train'
 # the structured demo run (no --model, structured data): see resolve_defaults
 STRUCTURED_DEMO_MODEL_KWARGS = {'depth': 1, 'global_pool': 'avg', 'pos_attn_layer': 'tied'}
 STRUCTURED_DEMO_EPOCHS = 30
 STRUCTURED_DEMO_LR_BASE = 3e-3
-# The files a run writes into its experiment folder, and the only ones --overwrite (or a resume that abandons a later
-# part of the run) removes: timm's saver writes tmp/recovery files and `.partial` copies next to the checkpoints.
-OWNED_FILES = (
-    'args.yaml', 'summary.csv', 'last.pth.tar', 'model_best.pth.tar', 'checkpoint-*.pth.tar', 'attention.png',
-    'tmp.pth.tar', 'recovery-*.pth.tar', 'recovery_tmp.pth.tar', '*.pth.tar.partial',
-)
-_CHECKPOINT_NAME = re.compile(r'checkpoint-(\d+)\.pth\.tar')
 INTERPOLATIONS = ('bicubic', 'bilinear', 'box', 'hamming', 'lanczos', 'nearest')  # timm.data.transforms' names
 SCHEDULERS = ('cosine', 'tanh', 'step', 'constant', 'multistep', 'plateau', 'poly', 'wsd', 'rsqrt', 'none')
 # knowledge distillation through timm.task: --kd-distill-type -> task; the defaults are timm's train.py's
@@ -551,225 +544,6 @@ def import_device_modules(args: argparse.Namespace) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# The experiment folder and checkpoints
-
-
-class AtomicCheckpointSaver(utils.CheckpointSaver):
-    """timm's CheckpointSaver writing the `timm_posattn.loading` checkpoint format, crash-safe.
-
-    timm writes ``last`` via a temp file but unlinks the target first, and falls back to a plain copy for ``best``;
-    here every file is complete before ``os.replace`` puts it in place.
-    """
-
-    def _save(self, save_path, epoch, metric=None):
-        extra = {'optimizer': self.optimizer.state_dict(), 'saver': self.state_dict(epoch, metric)}
-        if self.amp_scaler is not None:
-            extra[self.amp_scaler.state_dict_key] = self.amp_scaler.state_dict()
-        if self.task is not None:  # the task knows which module is the model (and keeps e.g. a feature projection)
-            weights = {**self.task.get_checkpoint_state(unwrap_fn=self.unwrap_fn),
-                       **self.task.get_checkpoint_state(ema=True, unwrap_fn=self.unwrap_fn)}
-        else:
-            weights = {'state_dict': utils.get_state_dict(self.model, self.unwrap_fn)}
-            if self.model_ema is not None:
-                weights['state_dict_ema'] = utils.get_state_dict(self.model_ema, self.unwrap_fn)
-        checkpoint = make_checkpoint(
-            arch=self.args.model if self.args is not None else type(self.model).__name__.lower(),
-            epoch=epoch,
-            state_dict=weights.pop('state_dict'),
-            args=self.args,
-            state_dict_ema=weights.pop('state_dict_ema', None),
-            metric=metric,
-            **weights,  # the task's own state (task_state, task_state_ema), as timm's saver stores it
-            **extra,
-        )
-        atomic_write(save_path, lambda f: torch.save(checkpoint, f))
-
-    def _replace(self, src, dst):
-        os.replace(src, dst)  # atomic on POSIX and Windows; never leaves dst missing
-
-    def _duplicate(self, src, dst):
-        tmp = dst + '.partial'
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        try:
-            os.link(src, tmp)
-        except (OSError, NotImplementedError):
-            import shutil
-            shutil.copy2(src, tmp)
-        os.replace(tmp, dst)
-
-    def restore_best(self, source: str) -> None:
-        """Put ``source`` (the checkpoint of ``best_epoch``) in place as model_best."""
-        self._duplicate(source, os.path.join(self.checkpoint_dir, 'model_best' + self.extension))
-
-
-def _same_path(a: str, b: str) -> bool:
-    if os.path.exists(a) and os.path.exists(b):
-        return os.path.samefile(a, b)
-    return os.path.abspath(a) == os.path.abspath(b)
-
-
-def resolve_output_folder(args: argparse.Namespace, resume: Optional[TrainCheckpoint] = None) -> OutputFolder:
-    """The experiment folder, checked before anything is built (a refused run costs nothing).
-
-    A new run needs a folder without a previous run's files (or --overwrite). A resumed run continues in its
-    checkpoint's folder; --output/--experiment naming another folder forks it there, which must be new or empty.
-    """
-    if resume is not None:
-        run_dir = os.path.dirname(os.path.abspath(resume.path))
-        path = os.path.join(args.output or os.path.dirname(run_dir), args.experiment or os.path.basename(run_dir))
-    else:
-        size = args.input_size[-1] if args.input_size else args.img_size
-        name = args.experiment or '-'.join(
-            [datetime.now().strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model)] + ([str(size)] if size else []))
-        path = os.path.join(args.output or DEFAULT_OUTPUT, name)
-    folder = OutputFolder(path, OWNED_FILES, overwrite=args.overwrite, command='train.py')
-    if resume is not None and _same_path(path, run_dir):
-        if args.overwrite:
-            raise UsageError(f"--overwrite would remove the run that --resume continues in '{path}'; leave it out")
-        return folder
-    if resume is not None and os.path.isdir(path) and os.listdir(path) and not args.overwrite:
-        raise UsageError(
-            f"--resume continues the run in '{run_dir}', but --output/--experiment name '{path}', which already "
-            f"holds files: leave them out to continue in place, or name a new (empty) folder to fork the run there")
-    return folder.check()
-
-
-def _saved_epoch(path: str) -> Optional[int]:
-    """The epoch a checkpoint file holds (its tensors memory-mapped, not read); None if it is not readable."""
-    try:
-        return read_checkpoint(path, mmap=True).epoch
-    except LoadError:
-        return None
-
-
-def read_resume_checkpoint(args: argparse.Namespace) -> TrainCheckpoint:
-    """Read --resume and check that this run can continue it: a training checkpoint of the same model and
-    optimizer, with epochs left to train."""
-    ckpt = read_checkpoint(args.resume, mmap=True)
-    if ckpt.epoch is None or not ckpt.args:
-        raise LoadError(f"--resume '{ckpt.path}' is not a training checkpoint (no epoch or arguments): to start a "
-                        f"new run from its weights use --initial-checkpoint")
-    if ckpt.arch is not None and split_model_name_tag(ckpt.arch)[0] != split_model_name_tag(args.model)[0]:
-        raise LoadError(f"--resume '{ckpt.path}' is a checkpoint of {ckpt.arch}, but this run trains {args.model} "
-                        f"(--model); resume with --model {ckpt.arch}, or start from its weights with "
-                        f"--initial-checkpoint")
-    recorded_opt = ckpt.args.get('opt')
-    if recorded_opt and not args.no_resume_opt and recorded_opt.lower() != args.opt.lower():
-        raise LoadError(f"--resume '{ckpt.path}' was trained with --opt {recorded_opt}, this run uses --opt "
-                        f"{args.opt}: give --opt {recorded_opt}, or --no-resume-opt for a fresh optimizer state")
-    start_epoch = args.start_epoch if args.start_epoch is not None else ckpt.epoch + 1
-    if args.epochs <= start_epoch:
-        raise UsageError(f"--resume '{ckpt.path}' completed epoch {ckpt.epoch}: --epochs {args.epochs} leaves "
-                         f"nothing to train (epochs are counted from 0); raise --epochs")
-    return ckpt
-
-
-def check_resume_ranking(ckpt: TrainCheckpoint, args: argparse.Namespace) -> None:
-    """Continuing a run keeps its best checkpoint: the new epochs must be ranked by the same metric."""
-    recorded = ckpt.args.get('eval_metric')
-    if recorded and recorded != args.eval_metric:
-        raise UsageError(f"--resume '{ckpt.path}': the run ranked its checkpoints by {recorded}, this run by "
-                         f"--eval-metric {args.eval_metric}; give --eval-metric {recorded}, or fork the run into a new "
-                         f"folder (--experiment NAME) to rank afresh")
-
-
-def check_resume_distillation(ckpt: TrainCheckpoint, args: argparse.Namespace) -> None:
-    """Continuing a run keeps its objective (and summary.csv's columns): the same teacher and distillation
-    settings."""
-    def same(key: str, recorded: Any, current: Any) -> bool:
-        if key == 'kd_model_name' and recorded and current and os.path.isfile(recorded) and os.path.isfile(current):
-            return _same_path(recorded, current)
-        return recorded == current
-    differ = [f'--{key.replace("_", "-")} {ckpt.args.get(key)!r} there, {getattr(args, key)!r} here'
-              for key in ('kd_model_name',) + KD_OPTIONS if not same(key, ckpt.args.get(key), getattr(args, key))]
-    if differ:
-        raise UsageError(f"--resume '{ckpt.path}': the run was trained with other distillation settings "
-                         f"({'; '.join(differ)}): repeat them to continue it, or fork the run into a new folder "
-                         f"(--experiment NAME)")
-
-
-def _comparable(value: Any) -> Any:
-    return [_comparable(v) for v in value] if isinstance(value, (list, tuple)) else value
-
-
-def check_resume_model(ckpt: TrainCheckpoint, args: argparse.Namespace) -> None:
-    """The resumed weights must belong to the model this run builds (classes, size, model kwargs)."""
-    recorded = checkpoint_model_kwargs(ckpt.args)  # as the run gave them: the weights' own fit is checked on loading
-    current = checkpoint_model_kwargs(plain_args(args))
-    differ = [f'{k}={recorded.get(k)!r} there, {current.get(k)!r} here' for k in sorted(set(recorded) | set(current))
-              if _comparable(recorded.get(k)) != _comparable(current.get(k))]
-    if differ:
-        raise LoadError(f"--resume '{ckpt.path}' was trained with other model arguments ({'; '.join(differ)}): "
-                        f"repeat the run's --model-kwargs/--num-classes/--img-size/--gp to continue it")
-
-
-def restore_training_state(ckpt: TrainCheckpoint, model: Union[nn.Module, TrainingTask], optimizer=None,
-                           loss_scaler=None, log_info: bool = True) -> int:
-    """Model (or a timm task's model and task state), optimizer and AMP scaler state with timm's
-    `resume_task_checkpoint` / `resume_checkpoint` (weights_only=True); returns the epoch to start at."""
-    resume = resume_task_checkpoint if isinstance(model, TrainingTask) else resume_checkpoint
-    try:
-        epoch = resume(model, ckpt.path, optimizer=optimizer, loss_scaler=loss_scaler, log_info=log_info)
-    except (RuntimeError, ValueError, KeyError) as e:
-        detail = one_line(e)[:300]
-        raise LoadError(f"--resume '{ckpt.path}' does not fit this run's model or optimizer ({detail}); "
-                        f"--no-resume-opt starts a fresh optimizer state") from None
-    return epoch if epoch is not None else ckpt.epoch + 1
-
-
-def discard_abandoned_run(folder: OutputFolder, start_epoch: int, keep: str) -> None:
-    """Resuming at ``start_epoch`` abandons whatever the run wrote after that: remove those checkpoints (never
-    ``keep``, the one resumed from), so that none of them can later be taken for part of this run."""
-    later = [name for name in folder.existing() if _CHECKPOINT_NAME.fullmatch(name)
-             and int(_CHECKPOINT_NAME.fullmatch(name).group(1)) >= start_epoch]
-    last_epoch = _saved_epoch(folder.file('last.pth.tar')) if os.path.isfile(folder.file('last.pth.tar')) else None
-    if last_epoch is not None and last_epoch >= start_epoch:
-        later.append('last.pth.tar')
-    removed = folder.remove([name for name in later if not _same_path(folder.file(name), keep)])
-    if removed:
-        _logger.info(f'Resuming at epoch {start_epoch}: removed the abandoned later checkpoints {", ".join(removed)}')
-
-
-def reconcile_best(folder: OutputFolder, saver: AtomicCheckpointSaver, resume: TrainCheckpoint) -> None:
-    """Make model_best.pth.tar the checkpoint of the saver's best epoch, so that the best of an abandoned run is never
-    reported as this run's."""
-    best_file = folder.file('model_best.pth.tar')
-    on_disk = _saved_epoch(best_file) if os.path.isfile(best_file) else None
-    if saver.best_epoch is not None and on_disk == saver.best_epoch:
-        return
-    if folder.remove(['model_best.pth.tar']):
-        _logger.info(f'Removed model_best.pth.tar (epoch {on_disk}): the resumed run\'s best is epoch '
-                     f'{saver.best_epoch}')
-    if saver.best_epoch is None:
-        return
-    for source in (folder.file(f'checkpoint-{saver.best_epoch}.pth.tar'), resume.path):
-        if os.path.isfile(source) and _saved_epoch(source) == saver.best_epoch:
-            saver.restore_best(source)
-            _logger.info(f'model_best.pth.tar restored from {source} (epoch {saver.best_epoch})')
-            return
-    _logger.info(f'No checkpoint of the best epoch ({saver.best_epoch}) is left: the best is tracked afresh')
-    saver.best_epoch = saver.best_metric = None
-
-
-class Progress:
-    """What a run has saved, for the message after Ctrl-C."""
-
-    def __init__(self) -> None:
-        self.output_dir: Optional[str] = None
-        self.saved_epoch: Optional[int] = None  # the epoch last.pth.tar holds
-        self.resumed_from: Optional[str] = None
-
-    def describe(self) -> str:
-        if self.saved_epoch is not None:
-            last = os.path.join(self.output_dir, 'last.pth.tar')
-            return f'{last} holds epoch {self.saved_epoch}; continue with --resume {last}'
-        if self.resumed_from:
-            return f'nothing saved yet: no epoch completed since resuming; {self.resumed_from} is unchanged'
-        return 'nothing saved yet: no epoch completed'
-
-
-# --------------------------------------------------------------------------------------------------------------------
 # Training and evaluation
 
 
@@ -926,7 +700,7 @@ def validate(
     return OrderedDict([('loss', losses_m.avg), ('top1', top1_m.avg), ('top5', top5_m.avg)])
 
 
-def report_attention(model: nn.Module, dataset, folder: OutputFolder, args: argparse.Namespace) -> Optional[Dict]:
+def report_attention(model: nn.Module, dataset, run: RunFolder, args: argparse.Namespace) -> Optional[Dict]:
     """Print the patch-association score (structured data) and save the positional attention plot."""
     if not hasattr(model, 'get_attention_maps') or not getattr(model, 'pos_attn_indices', None):
         _logger.info('Model has no positional-attention blocks: no attention plot or association score.')
@@ -945,7 +719,8 @@ def report_attention(model: nn.Module, dataset, folder: OutputFolder, args: argp
         except ImportError:
             _logger.warning('timm_posattn.visualize is not available: no attention plot saved.')
             return assoc
-        path = save_attention_plot(model, folder.file('attention.png'))  # written atomically
+        path = save_attention_plot(model, run.file('attention.png'),  # listed in the manifest, written atomically
+                                   write=lambda path, fn: run.claim.write(os.path.basename(path), fn))
         print(f'Attention plot: {path}', flush=True)
     return assoc
 
@@ -1071,7 +846,7 @@ def model_create_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     )
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     for key, value in (args.model_kwargs or {}).items():
-        if key in kwargs and _comparable(kwargs[key]) != _comparable(value):
+        if key in kwargs and not same_kwarg_value(kwargs[key], value):
             raise UsageError(f'--model-kwargs {key}={value!r} contradicts {_OPTION_OF_KWARG[key]} {kwargs[key]!r}: '
                              f'give it once')
         kwargs[key] = value
@@ -1223,21 +998,14 @@ def main(argv: Optional[Sequence[str]] = None, progress: Optional[Progress] = No
     resolve_defaults(args)
     check_args(args)
     resume = read_resume_checkpoint(args) if args.resume else None
-    initial = None
-    if args.initial_checkpoint:
-        if resume is None:
-            initial = read_checkpoint(args.initial_checkpoint)
-        else:
-            _logger.info('--initial-checkpoint is not loaded: --resume restores the weights of the run it started')
+    initial = read_checkpoint(args.initial_checkpoint) if args.initial_checkpoint else None
     teacher_source = load_teacher(args) if args.kd_model_name else None
-    # every rank checks the folder so all stop together; rank 0 writes into it only after all have built their model
-    folder = resolve_output_folder(args, resume)
-    output_dir = str(folder.path)
-    continuing = resume is not None and _same_path(output_dir, os.path.dirname(os.path.abspath(resume.path)))
-    if continuing:
+    # every rank checks the folder so all stop together; rank 0 claims it for the run's lifetime
+    run = resolve_run_folder(args, resume)
+    if run.continuing:
         check_resume_ranking(resume, args)
-        check_resume_distillation(resume, args)
-    progress.output_dir = output_dir
+        check_resume_options(resume, args, ('kd_model_name',) + KD_OPTIONS)
+    progress.output_dir = run.path
     progress.resumed_from = resume.path if resume is not None else None
 
     device = utils.init_distributed_device(args)
@@ -1245,6 +1013,19 @@ def main(argv: Optional[Sequence[str]] = None, progress: Optional[Progress] = No
         logging.getLogger().setLevel(logging.WARNING)  # only rank 0 logs progress
     if args.distributed:
         _logger.info(f'Distributed training: {args.world_size} processes, device {args.device}.')
+    if utils.is_primary(args):
+        run.acquire()  # a second run into this folder is refused from here on; the claim ends with the process
+    try:
+        return train_and_evaluate(args, run, device, resume, initial, teacher_source, progress)
+    finally:
+        run.release()
+
+
+def train_and_evaluate(args: argparse.Namespace, run: RunFolder, device: torch.device,
+                       resume: Optional[TrainCheckpoint], initial: Optional[TrainCheckpoint],
+                       teacher_source: Optional[LoadedModel], progress: Progress) -> Dict[str, Any]:
+    """Build data, model, task and optimizer, then train and evaluate epoch by epoch into the claimed run folder."""
+    output_dir, continuing = run.path, run.continuing
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
@@ -1345,27 +1126,24 @@ def main(argv: Optional[Sequence[str]] = None, progress: Optional[Progress] = No
             lr_scheduler.step(start_epoch)
 
     saver, summary_path = None, None
-    if utils.is_primary(args):
+    if run.claim is not None:  # rank 0: the folder becomes this run's (an earlier run's files go only now)
+        run.begin()
         if continuing:
-            discard_abandoned_run(folder, start_epoch, keep=resume.path)
-            utils.trim_summary(folder.file('summary.csv'), start_epoch)
-        else:
-            removed = folder.remove(folder.existing())  # only with --overwrite (checked above)
-            if removed:
-                _logger.info(f"--overwrite: removed the previous run's {', '.join(removed)} from {output_dir}")
-        os.makedirs(output_dir, exist_ok=True)
+            discard_abandoned_run(run, start_epoch, keep=resume.path)
+            utils.trim_summary(run.file('summary.csv'), start_epoch)
         saver = AtomicCheckpointSaver(
             model=model, optimizer=optimizer, args=args, amp_scaler=loss_scaler, task=task,
             checkpoint_dir=output_dir, recovery_dir=output_dir, decreasing=args.eval_metric == 'loss',
-            max_history=args.checkpoint_hist)
+            max_history=args.checkpoint_hist, claim=run.claim)
         if continuing:
             if resume.raw.get('saver'):
                 saver.load_state_dict(resume.raw['saver'])
-            reconcile_best(folder, saver, resume)
-        folder.write_text('args.yaml', yaml.safe_dump(plain_args(args), default_flow_style=False))
-        summary_path = folder.file('summary.csv')
-    if continuing and os.path.isfile(folder.file('last.pth.tar')):
-        progress.saved_epoch = _saved_epoch(folder.file('last.pth.tar'))
+            reconcile_best(run, saver, resume)
+        run.claim.write_text('args.yaml', yaml.safe_dump(plain_args(args), default_flow_style=False))
+        # a new run starts its own summary; a continued one keeps its rows before start_epoch (trimmed above)
+        summary_path = run.claim.record('summary.csv') if continuing else run.claim.write_text('summary.csv', '')
+    if continuing and os.path.isfile(run.file('last.pth.tar')):
+        progress.saved_epoch = saved_epoch(run.file('last.pth.tar'))
     if utils.is_primary(args):
         _logger.info(f'Training epochs {start_epoch}..{num_epochs - 1}, {updates_per_epoch} updates per epoch; '
                      f'output in {output_dir}')
@@ -1413,7 +1191,7 @@ def main(argv: Optional[Sequence[str]] = None, progress: Optional[Progress] = No
         if saver is not None and saver.best_metric is not None:
             print(f'Best {args.eval_metric}: {saver.best_metric:.4f} (epoch {saver.best_epoch})', flush=True)
         final_model = utils.unwrap_model(task.get_eval_model(ema=task.has_ema()))
-        result['association'] = report_attention(final_model, dataset_train, folder, args)
+        result['association'] = report_attention(final_model, dataset_train, run, args)
     return result
 
 

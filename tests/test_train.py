@@ -5,6 +5,7 @@ Every run uses a 1-block, width-24 positional ViT, a few hundred samples and no 
 and resume rules are checked here on the module's one trained run; the error policy in test_cli_policy.py.
 """
 import csv
+import json
 import os
 import shutil
 import subprocess
@@ -24,6 +25,7 @@ from cli_assertions import assert_one_line_error  # noqa: E402
 from timm_posattn.association import model_association  # noqa: E402
 from timm_posattn.data import DatasetError, create_dataset  # noqa: E402
 from timm_posattn.loading import load_model, make_checkpoint, read_checkpoint  # noqa: E402
+from timm_posattn.outputs import OutputError, manifest_name  # noqa: E402
 
 TINY = ['--model-kwargs', 'depth=1', 'embed_dim=24', 'num_heads=2', '-j', '0', '--log-interval', '100']
 STRUCTURED_TINY = ['--train-num-samples', '384', '--val-num-samples', '128', '-b', '32', '--lr', '3e-3',
@@ -42,6 +44,14 @@ def run_train(capsys, *argv):
 def read_summary(path):
     with open(path, newline='') as f:
         return list(csv.DictReader(f))
+
+
+def list_as_the_runs(folder, *names):
+    """Add names to the run's manifest, as if the run had written those files."""
+    path = Path(folder) / manifest_name('train')
+    manifest = json.loads(path.read_text())
+    manifest['files'] += [n for n in names if n not in manifest['files']]
+    path.write_text(json.dumps(manifest))
 
 
 def snapshot(folder):
@@ -149,12 +159,13 @@ def test_resume_from_an_earlier_checkpoint_abandons_the_later_run(structured_run
     first = read_checkpoint(run / 'checkpoint-0.pth.tar')
     saver = {'checkpoint_files': [('checkpoint-0.pth.tar', 100.0)], 'best_epoch': 0, 'best_metric': 100.0,
              'pending': (0, 100.0)}
-    torch.save(make_checkpoint(first.arch, 0, first.state_dict, args=first.args, metric=100.0,
+    torch.save(make_checkpoint(first.arch, 0, first.state_dict, args=first.args, metric=100.0, run_id=first.run_id,
                                state_dict_ema=first.state_dict_ema, **{**first.raw, 'saver': saver}),
                run / 'checkpoint-0.pth.tar')
-    abandoned = make_checkpoint(first.arch, 5, first.state_dict, args=first.args, metric=100.0)
+    abandoned = make_checkpoint(first.arch, 5, first.state_dict, args=first.args, metric=100.0, run_id=first.run_id)
     for name in ('checkpoint-5.pth.tar', 'model_best.pth.tar'):
         torch.save(abandoned, run / name)
+    list_as_the_runs(run, 'checkpoint-5.pth.tar', 'model_best.pth.tar')
     (run / 'notes.txt').write_text('mine')
     code, out, err = run_train(capsys, '--resume', run / 'checkpoint-0.pth.tar', '--epochs', '2',
                                '--no-attention-plot', *EMA, *STRUCTURED_TINY, *SMALL_DATA, *TINY)
@@ -169,19 +180,25 @@ def test_resume_from_an_earlier_checkpoint_abandons_the_later_run(structured_run
 
 
 def test_overwrite_removes_only_the_previous_runs_files(tmp_path, capsys):
+    """--overwrite removes the files the earlier run's manifest lists, never a file that only looks like one of a
+    run's (checkpoint-*.pth.tar, *.partial), and a new run starts its own summary."""
     run = tmp_path / 'exp'
-    run.mkdir()
-    (run / 'checkpoint-7.pth.tar').write_bytes(b'an old run')
-    (run / 'summary.csv').write_text('epoch,train_loss\n7,0.1\n')
-    (run / 'notes.txt').write_text('mine')
-    before = snapshot(run)
-    argv = ['--output', tmp_path, '--experiment', 'exp', '--epochs', '1', '--no-attention-plot', *SMALL_DATA, *TINY]
-    code, out, err = run_train(capsys, *argv)
-    assert_one_line_error(code, err, 'checkpoint-7.pth.tar, summary.csv', '--overwrite')
-    assert snapshot(run) == before
-    code, out, err = run_train(capsys, *argv, '--overwrite')
+    argv = ['--output', tmp_path, '--experiment', 'exp', '--no-attention-plot', *SMALL_DATA, *TINY]
+    code, out, err = run_train(capsys, *argv, '--epochs', '2', '--checkpoint-hist', '2')
     assert code == 0, err
-    assert not (run / 'checkpoint-7.pth.tar').exists() and (run / 'notes.txt').read_text() == 'mine'
+    assert (run / 'checkpoint-1.pth.tar').is_file()
+    mine = {'checkpoint-teacher.pth.tar': b'a teacher', 'imagenet.pth.tar.partial': b'a download',
+            'checkpoint-7.pth.tar': b'kept from elsewhere', 'notes.txt': b'mine'}
+    for name, data in mine.items():
+        (run / name).write_bytes(data)
+    before = snapshot(run)
+    code, out, err = run_train(capsys, *argv, '--epochs', '1')
+    assert_one_line_error(code, err, 'already holds', '--overwrite')
+    assert snapshot(run) == before
+    code, out, err = run_train(capsys, *argv, '--epochs', '1', '--overwrite')
+    assert code == 0, err
+    assert not (run / 'checkpoint-1.pth.tar').exists()  # the earlier run's
+    assert {name: (run / name).read_bytes() for name in mine} == mine
     assert [int(r['epoch']) for r in read_summary(run / 'summary.csv')] == [0]
 
 
@@ -268,11 +285,11 @@ def test_recipes_parse_into_train_arguments(path):
         assert got == value or got == pytest.approx(value), key
     assert args.opt == 'adamw' and args.sched == 'cosine'
     assert args.model_kwargs['pos_attn_layers'] in ('all', 'none')
-    if path.stem.endswith(('_posattn', '_standard')):  # the paper's comparisons (the others: test_distill.py)
-        assert args.epochs == 300
+    if path.stem.endswith(('_posattn', '_standard')):  # the comparisons (the others: test_distill.py)
+        assert args.epochs == (10 if path.stem.startswith('fashion_mnist') else 300)  # Fashion-MNIST: CPU-sized
 
 
-@pytest.mark.parametrize('name', ['cifar10', 'cifar100', 'svhn', 'imagenet'])
+@pytest.mark.parametrize('name', ['cifar10', 'cifar100', 'svhn', 'imagenet', 'fashion_mnist'])
 def test_recipe_twins_differ_only_in_attention(name):
     pos = yaml.safe_load((REPO / 'configs' / f'{name}_posattn.yaml').read_text())
     std = yaml.safe_load((REPO / 'configs' / f'{name}_standard.yaml').read_text())
@@ -366,7 +383,7 @@ def test_interrupted_checkpoint_write_keeps_the_good_file(tmp_path, monkeypatch)
     monkeypatch.setattr(torch, 'save', crash_midway)
     with torch.no_grad():
         model.weight.add_(1.0)
-    with pytest.raises(OSError, match='disk full'):
+    with pytest.raises(OutputError, match='disk full'):  # one line for the user (a full disk is theirs to fix)
         saver.save_checkpoint(1, metric=90.0)
     monkeypatch.setattr(torch, 'save', real_save)
 

@@ -34,7 +34,7 @@ from .cli import UsageError, one_line
 __all__ = [
     'LoadError', 'WeightsFileError', 'UnknownArchitectureError', 'NonFiniteWeightsError', 'TrainCheckpoint',
     'WEIGHTS_NAME', 'PUBLISH_INFO_KEY', 'CHECKPOINT_VERSION', 'make_checkpoint', 'plain_args', 'read_checkpoint',
-    'checkpoint_model_kwargs', 'check_finite', 'check_safetensors', 'sha256_file', 'read_model_config',
+    'checkpoint_model_kwargs', 'same_kwarg_value', 'check_finite', 'check_safetensors', 'sha256_file', 'read_model_config',
     'require_registered', 'build_model', 'load_weights', 'LoadedModel', 'open_model', 'load_model',
     'add_ema_arguments', 'parse_source', 'PREPROCESSING_KEYS', 'set_preprocessing',
 ]
@@ -91,13 +91,17 @@ def make_checkpoint(
         args: Optional[Mapping[str, Any]] = None,
         state_dict_ema: Optional[Dict[str, torch.Tensor]] = None,
         metric: Optional[float] = None,
+        run_id: Optional[str] = None,
         **extra: Any,
 ) -> Dict[str, Any]:
     """The dict train.py saves (and `read_checkpoint` reads): timm's checkpoint layout with `args` as a plain dict.
 
-    `extra` carries training state (optimizer, AMP scaler, saver history) under timm's key names.
+    `run_id` names the run the checkpoint belongs to (`timm_posattn.run_folder`); `extra` carries training state
+    (optimizer, AMP scaler, saver history) under timm's key names.
     """
     checkpoint = {'epoch': epoch, 'arch': arch, 'state_dict': state_dict, 'version': CHECKPOINT_VERSION}
+    if run_id is not None:
+        checkpoint['run_id'] = run_id
     if args is not None:
         checkpoint['args'] = plain_args(args)
     if state_dict_ema is not None:
@@ -118,6 +122,7 @@ class TrainCheckpoint:
     args: Dict[str, Any] = field(default_factory=dict)
     epoch: Optional[int] = None
     metric: Optional[float] = None
+    run_id: Optional[str] = None  # the train.py run it belongs to (None: written before run ids, or not by train.py)
     raw: Dict[str, Any] = field(default_factory=dict)  # everything else (optimizer, saver, scaler state)
 
     @property
@@ -214,10 +219,12 @@ def read_checkpoint(path: Union[str, Path], mmap: bool = False) -> TrainCheckpoi
     if not isinstance(args, dict):
         raise WeightsFileError(f"'{path}': 'args' must be a dict of training arguments, got {type(args).__name__}")
     state_dict = ckpt.get('state_dict') or ckpt.get('state_dict_ema')
-    known = ('state_dict', 'state_dict_ema', 'arch', 'args', 'epoch', 'metric', 'model')
+    known = ('state_dict', 'state_dict_ema', 'arch', 'args', 'epoch', 'metric', 'model', 'run_id')
+    run_id = ckpt.get('run_id')
     return TrainCheckpoint(
         path=path, state_dict=state_dict, state_dict_ema=ckpt.get('state_dict_ema'), arch=ckpt.get('arch'),
         args=args, epoch=ckpt.get('epoch'), metric=ckpt.get('metric'),
+        run_id=run_id if isinstance(run_id, str) else None,
         raw={k: v for k, v in ckpt.items() if k not in known})
 
 
@@ -243,6 +250,14 @@ def checkpoint_model_kwargs(args: Mapping[str, Any], state_dict: Optional[Mappin
             if layer is not None:
                 kwargs['pos_attn_layer'] = layer
     return kwargs
+
+
+def same_kwarg_value(a: Any, b: Any) -> bool:
+    """Whether two model kwarg values are the same, lists and tuples alike (YAML and checkpoints store tuples as
+    lists)."""
+    def plain(value: Any) -> Any:
+        return [plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+    return plain(a) == plain(b)
 
 
 # --------------------------------------------------------------------------------------------------------------------

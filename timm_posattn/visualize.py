@@ -13,7 +13,7 @@ kwargs come from it; its EMA weights when it has them), and published folders ha
 import argparse
 import os
 import sys
-from typing import Optional, Sequence, Tuple, Union
+from typing import IO, Callable, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -67,8 +67,10 @@ def save_attention_plot(
         query_patches: Optional[Sequence[QueryPatch]] = None,
         blocks: Optional[Sequence[int]] = None,
         img_size: Optional[Union[int, Tuple[int, int]]] = None,
+        write: Callable[[str, Callable[[IO[bytes]], None]], str] = atomic_write,
 ) -> str:
-    """Save a grid of attention maps to ``path`` (PNG) and return the path.
+    """Save a grid of attention maps to ``path`` (PNG, through ``write(path, write_fn)``: atomically by default, or
+    the caller's claimed folder) and return the path.
 
     One row per (block, query patch), one column per head; each panel is the query's attention over the patch grid
     (the query is outlined in red; the panel title gives the row's largest patch weight and the mass on the class
@@ -125,7 +127,7 @@ def save_attention_plot(
                  f'(red: query patch; each map is one attention row)', fontsize=9)
     fig.tight_layout()
     try:
-        return atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=110))
+        return write(path, lambda f: fig.savefig(f, format='png', dpi=110))
     finally:
         plt.close(fig)
 
