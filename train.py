@@ -17,6 +17,7 @@ With no arguments it trains ``vit_posattn_tiny_patch4_32`` on ``structured`` in 
 import argparse
 import importlib
 import logging
+import math
 import os
 import sys
 import time
@@ -60,6 +61,7 @@ from timm_posattn.run_folder import (
 _logger = logging.getLogger('train')
 
 DEFAULT_MODEL = 'vit_posattn_tiny_patch4_32'
+LR_MAX = float(torch.finfo(torch.float32).max)  # optimizers keep the learning rate as a float32 tensor or scalar
 # the structured demo run (no --model, structured data): see resolve_defaults
 STRUCTURED_DEMO_MODEL_KWARGS = {'depth': 1, 'global_pool': 'avg', 'pos_attn_layer': 'tied'}
 STRUCTURED_DEMO_EPOCHS = 30
@@ -186,9 +188,9 @@ group.add_argument('--sched', type=str, default='cosine', choices=SCHEDULERS, me
 group.add_argument('--sched-on-updates', action=argparse.BooleanOptionalAction, default=True,
                    help='step the LR schedule every update, so short runs warm up and decay smoothly '
                         '(default: on; --no-sched-on-updates steps at epoch ends as timm does)')
-group.add_argument('--lr', type=float_range(0, low_open=True), default=None, metavar='LR',
+group.add_argument('--lr', type=float_range(0, LR_MAX, low_open=True), default=None, metavar='LR',
                    help='learning rate, used as given (default: derived from --lr-base)')
-group.add_argument('--lr-base', type=float_range(0, low_open=True), default=None, metavar='LR',
+group.add_argument('--lr-base', type=float_range(0, LR_MAX, low_open=True), default=None, metavar='LR',
                    help='base learning rate when --lr is not given: lr = lr_base * global_batch_size / lr_base_size '
                         '(default: 3e-3 for the structured demo model, else 1e-3)')
 group.add_argument('--lr-base-size', type=int_range(1), default=64, metavar='DIV',
@@ -199,9 +201,9 @@ group.add_argument('--lr-noise', type=float_range(0), nargs='+', default=None, m
                    help='learning rate noise on/off epoch percentages')
 group.add_argument('--lr-cycle-limit', type=int_range(1), default=1, metavar='N',
                    help='learning rate cycle limit, cycles enabled if > 1')
-group.add_argument('--warmup-lr', type=float_range(0), default=1e-5, metavar='LR',
+group.add_argument('--warmup-lr', type=float_range(0, LR_MAX), default=1e-5, metavar='LR',
                    help='warmup learning rate (default: 1e-5)')
-group.add_argument('--min-lr', type=float_range(0), default=1e-5, metavar='LR',
+group.add_argument('--min-lr', type=float_range(0, LR_MAX), default=1e-5, metavar='LR',
                    help='lower lr bound for cyclic schedulers that hit 0 (default: 1e-5)')
 group.add_argument('--epochs', type=int_range(1), default=None, metavar='N',
                    help='number of epochs to train (default: 30 for the structured demo model, else 2)')
@@ -349,6 +351,20 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f'key {key!r} is given twice',
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _yaml_problem(error: yaml.YAMLError) -> str:
     mark = getattr(error, 'problem_mark', None)
     problem = getattr(error, 'problem', None) or str(error)
@@ -362,7 +378,7 @@ def load_config(path: str) -> Dict[str, Any]:
         raise UsageError(f"config file '{path}' not found")
     try:
         with open(path, encoding='utf-8') as f:
-            cfg = yaml.safe_load(f)
+            cfg = yaml.load(f, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         raise UsageError(f"config file '{path}' is not valid YAML: {_yaml_problem(e)}") from None
     except (OSError, UnicodeDecodeError) as e:
@@ -500,6 +516,10 @@ def check_args(args: argparse.Namespace) -> None:
                          f'train loss (--eval-metric loss) or give a validation split')
     if args.pretrained and args.initial_checkpoint:
         raise UsageError('--pretrained and --initial-checkpoint both give the starting weights: pass one of them')
+    if args.resume and (args.initial_checkpoint or args.pretrained):
+        given = '--initial-checkpoint' if args.initial_checkpoint else '--pretrained'
+        raise UsageError(f'{given} gives the starting weights of a new run, and --resume continues a run with its '
+                         f'own weights: pass one of them')
     if args.input_size and (args.img_size is not None or args.in_chans not in (None, args.input_size[0])):
         raise UsageError('--input-size gives channels and size: do not add --img-size or another --in-chans')
     in_chans = input_channels(args)
@@ -553,6 +573,15 @@ def is_finite_everywhere(loss: torch.Tensor, args: argparse.Namespace) -> bool:
     if args.distributed:
         torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
     return bool(finite.item())
+
+
+def check_finite_metrics(metrics: Dict[str, float], epoch: int, what: str) -> None:
+    """A non-finite evaluation is never ranked, saved or reported as a top-1: the run stops."""
+    bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
+    if bad:
+        shown = ', '.join(f'{k} {v}' for k, v in bad.items())
+        raise NonFiniteLossError(f'the {what} of epoch {epoch} is not finite ({shown}): the model\'s outputs '
+                                 f'overflowed; nothing of this epoch was saved; try a lower --lr or --clip-grad')
 
 
 def train_one_epoch(
@@ -1076,6 +1105,9 @@ def train_and_evaluate(args: argparse.Namespace, run: RunFolder, device: torch.d
         if args.lr_base_scale == 'sqrt':
             batch_ratio = batch_ratio ** 0.5
         args.lr = args.lr_base * batch_ratio
+        if not args.lr <= LR_MAX:
+            raise UsageError(f'--lr-base {args.lr_base:g} scaled to the global batch size gives a learning rate of '
+                             f'{args.lr:g}, beyond float32 ({LR_MAX:.3g}); lower --lr-base')
         if utils.is_primary(args):
             _logger.info(f'Learning rate ({args.lr:g}) from --lr-base {args.lr_base:g} and global batch size '
                          f'{global_batch_size} ({args.lr_base_scale} scaling).')
@@ -1168,9 +1200,11 @@ def train_and_evaluate(args: argparse.Namespace, run: RunFolder, device: torch.d
         eval_metrics = None
         if loader_eval is not None:
             eval_metrics = validate(task.get_eval_model(), loader_eval, validate_loss_fn, args, device, amp_autocast)
+            check_finite_metrics(eval_metrics, epoch, 'evaluation')
             if task.has_ema():
                 eval_metrics = validate(task.get_eval_model(ema=True), loader_eval, validate_loss_fn, args, device,
                                         amp_autocast, log_suffix=' (EMA)')
+                check_finite_metrics(eval_metrics, epoch, 'evaluation (EMA weights)')
         if summary_path:
             lrs = [group['lr'] for group in optimizer.param_groups]
             utils.update_summary(epoch, train_metrics, eval_metrics, filename=summary_path, lr=sum(lrs) / len(lrs))

@@ -26,6 +26,7 @@ from huggingface_hub import ModelCard
 import timm_posattn  # noqa: F401  registers vit_posattn_*
 from timm_posattn import loading, model_card, publish, releases
 from timm_posattn.cli import UsageError
+from timm_posattn.outputs import LOCK_NAME, manifest_name
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -109,7 +110,8 @@ def published(run_dir, tmp_path_factory):
 
 def test_publish_writes_timm_hub_folder_that_loads_with_identical_logits(published, source_model, run_dir):
     out, summary = published
-    assert sorted(p.name for p in out.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
+    assert sorted(p.name for p in out.iterdir()) == sorted([LOCK_NAME, manifest_name('publish'), 'README.md',
+                                                             'config.json', 'model.safetensors'])
     assert sorted(p.name for p in out.parent.iterdir()) == ['folder'], 'temporary files left behind'
     assert summary['weights'].startswith('the EMA weights (state_dict_ema)')
     loaded = timm.create_model(f'local-dir:{out}', pretrained=True)
@@ -300,7 +302,8 @@ def test_publish_into_a_run_folder_touches_only_its_own_files(run_dir, tmp_path,
         code, out, err = run_publish(capsys, *argv, '--results', run / 'summary.csv', flag)
         assert code == 0, err
     assert (run / 'README.md').read_bytes() != published['README.md']  # replaced: the card now has the results
-    assert sorted(p.name for p in run.iterdir()) == sorted([*others, *publish.PUBLISHED_FILES])
+    assert sorted(p.name for p in run.iterdir()) == sorted([*others, *publish.PUBLISHED_FILES, LOCK_NAME,
+                                                            manifest_name('publish')])
     assert {name: (run / name).read_bytes() for name in others} == others
     assert sorted(p.name for p in tmp_path.iterdir()) == ['run']
 

@@ -15,9 +15,9 @@ teacher), validate.py, visualize, publish and convert. This module owns
 Every error a user can fix is a `LoadError` with a one-line message.
 """
 import argparse
-import hashlib
 import json
 import logging
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -29,7 +29,12 @@ import torch.nn as nn
 import timm
 from timm.models import clean_state_dict, is_model, parse_model_name, resolve_pretrained_cfg, split_model_name_tag
 
-from .cli import UsageError, one_line
+from .cli import one_line
+from .outputs import finish_interrupted_commits
+from .published import (
+    RECORD_KEY, WEIGHTS_NAME, LoadError, NonFiniteWeightsError, WeightsFileError, check_finite, check_safetensors,
+    sha256_file, verify_config, verify_folder, verify_hub_repo, weights_file_timm_loads,
+)
 
 __all__ = [
     'LoadError', 'WeightsFileError', 'UnknownArchitectureError', 'NonFiniteWeightsError', 'TrainCheckpoint',
@@ -41,27 +46,13 @@ __all__ = [
 
 _logger = logging.getLogger(__name__)
 
-WEIGHTS_NAME = 'model.safetensors'  # the file timm's hub loaders look for first
-PUBLISH_INFO_KEY = 'timm_posattn'  # config.json section written by publish (ignored by timm itself)
+PUBLISH_INFO_KEY = RECORD_KEY  # config.json section written by publish (`timm_posattn.published`)
 CHECKPOINT_VERSION = 2  # timm's convention: version >= 2 stores the epoch that was completed
-_SHA256_RE = re.compile(r'[0-9a-f]{64}')
 _CHECKPOINT_SUFFIXES = ('.pth', '.pth.tar', '.pt', '.tar', '.bin', '.ckpt', '.safetensors')  # never a model name
-
-
-class LoadError(UsageError):
-    """A model or checkpoint could not be loaded for a reason the user can fix; the message is one line."""
-
-
-class WeightsFileError(LoadError):
-    """A weights file is missing, truncated, corrupted or does not match its recorded checksum."""
 
 
 class UnknownArchitectureError(LoadError):
     """The architecture named by a model folder / repo / name / checkpoint is not registered with timm."""
-
-
-class NonFiniteWeightsError(LoadError):
-    """Weights hold NaN or inf: any result computed from them would be meaningless."""
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -264,49 +255,6 @@ def same_kwarg_value(a: Any, b: Any) -> bool:
 # Checks
 
 
-def check_finite(tensors: Union[nn.Module, Mapping[str, torch.Tensor]], origin: str) -> None:
-    """Refuse weights that hold NaN or inf, naming the first such tensor."""
-    items = tensors.state_dict().items() if isinstance(tensors, nn.Module) else tensors.items()
-    for name, value in items:
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
-            bad = int((~torch.isfinite(value)).sum())
-            raise NonFiniteWeightsError(f'{origin}: {name} holds {bad} non-finite value(s) (NaN or inf) of '
-                                        f'{value.numel()}; results from these weights would be meaningless')
-
-
-def sha256_file(path: Union[str, Path]) -> str:
-    """Hex sha256 of a file, read in chunks (weights can be hundreds of MB)."""
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def check_safetensors(path: Union[str, Path], expected_sha256: Optional[str] = None) -> None:
-    """Check a .safetensors file's structure with the safetensors library (truncation, trailing bytes, a damaged
-    header) and, when a checksum was recorded, its sha256 (which also catches flipped bits inside tensor data)."""
-    from safetensors import SafetensorError, safe_open
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsFileError(f'{path}: weights file not found (expected a {WEIGHTS_NAME} file)')
-    try:
-        with safe_open(str(path), framework='pt'):
-            pass
-    except SafetensorError as e:
-        raise WeightsFileError(f'{path}: damaged or incomplete safetensors file ({one_line(e)}); '
-                               f'download or publish it again') from None
-    if expected_sha256:
-        actual = sha256_file(path)
-        if actual != expected_sha256.lower():
-            raise WeightsFileError(f'{path}: sha256 {actual} does not match the recorded {expected_sha256}: the '
-                                   f'file is not the one that was published; download or publish it again')
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Sources
-
-
 def read_model_config(folder: Union[str, Path]) -> Dict[str, Any]:
     """Parse `config.json` of a timm model folder, with errors naming the folder and the missing field."""
     cfg_file = Path(folder) / 'config.json'
@@ -341,54 +289,148 @@ def require_registered(architecture: str, origin: str) -> None:
         f'unknown model architecture {architecture!r} (from {origin}): timm has no such model registered; {detail}')
 
 
-def _recorded_sha256(cfg: Mapping[str, Any]) -> Optional[str]:
-    return (cfg.get(PUBLISH_INFO_KEY) or {}).get('weights_sha256')
-
-
-def _blob_sha256(cached_path: str) -> Optional[str]:
-    """Hugging Face caches LFS files as `blobs/<sha256>`: that name is a checksum we get for free."""
-    name = os.path.basename(os.path.realpath(cached_path))
-    return name if _SHA256_RE.fullmatch(name) else None
-
-
-def _hf_download(hub_id: str, filename: str, cache_dir: Optional[Union[str, Path]]) -> Optional[str]:
-    """Download (or find in the cache) one file of a hub repo; None when the repo does not have it."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
-    repo_id, _, revision = hub_id.partition('@')  # timm's 'org/repo@revision' form
-    try:
-        return hf_hub_download(repo_id, filename, revision=revision or None, cache_dir=cache_dir,
-                               library_name='timm', library_version=timm.__version__)
-    except LocalEntryNotFoundError:  # (a subclass of EntryNotFoundError: caught first)
-        raise LoadError(f"hf-hub:{hub_id}: {filename} is not in the local Hugging Face cache and the Hub cannot be "
-                        f"reached (offline, HF_HUB_OFFLINE=1, or no network)") from None
-    except EntryNotFoundError:
+def _safetensors_shapes(path: Optional[Union[str, Path]]) -> Optional[Dict[str, Tuple[int, ...]]]:
+    """Tensor names and shapes from a safetensors header (no tensor data is read); None for other files."""
+    if path is None or not str(path).endswith('.safetensors'):
         return None
-    except (HfHubHTTPError, OSError, ValueError) as e:
-        raise LoadError(f"hf-hub:{hub_id}: could not get {filename}: {one_line(e)[:200]}") from None
+    from safetensors import safe_open
+    check_safetensors(path)
+    with safe_open(str(path), framework='pt') as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
 
 
-def _check_hub_weights(hub_id: str, expected_sha256: Optional[str], cache_dir, filename: str = WEIGHTS_NAME) -> None:
-    weights = _hf_download(hub_id, filename, cache_dir) if filename.endswith('.safetensors') else None
-    if weights is not None:
-        check_safetensors(weights, expected_sha256 or _blob_sha256(weights))
+def _is_int(value: Any, low: int = 1) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _is_size(value: Any) -> bool:
+    return _is_int(value) or (isinstance(value, (list, tuple)) and len(value) == 2 and all(map(_is_int, value)))
+
+
+def _pair(value: Any) -> Tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+# create_model arguments that choose how weights are loaded, not what the model is: never in a published config
+_LOADING_SWITCHES = ('pretrained', 'pretrained_strict', 'pretrained_cfg', 'pretrained_cfg_overlay', 'checkpoint_path',
+                     'cache_dir', 'features_only')
+
+
+def check_model_config(cfg: Mapping[str, Any], origin: str,
+                       shapes: Optional[Mapping[str, Tuple[int, ...]]] = None) -> None:
+    """Refuse, in one line and before anything is allocated, a model folder's config.json whose fields are not what
+    timm reads, or whose sizes cannot be those of the weights (``shapes``, read from the weights file's header)."""
+    def bad(field: str, value: Any, expected: str) -> LoadError:
+        return LoadError(f'{origin}: {field} must be {expected}, got {value!r}'[:400])
+    if not isinstance(cfg.get('architecture'), str) or not cfg['architecture']:
+        raise bad("'architecture'", cfg.get('architecture'), 'a model name')
+    for key in ('model_args', 'pretrained_cfg'):
+        if cfg.get(key) is not None and not isinstance(cfg[key], dict):
+            raise bad(f"'{key}'", cfg[key], 'a mapping')
+    args = cfg.get('model_args') or {}
+    for key in args:
+        if not (isinstance(key, str) and key.isidentifier()):
+            raise bad('a model_args key', key, 'an argument name')
+        if key in _LOADING_SWITCHES:
+            raise LoadError(f'{origin}: model_args holds {key!r}, which decides how weights are loaded, not what the '
+                            f'model is; a published config never does: remove it, or download the folder again')
+    pcfg = cfg.get('pretrained_cfg') or {}
+    for key in ('mean', 'std'):
+        value = pcfg.get(key)
+        if value is not None and not (isinstance(value, (list, tuple)) and 1 <= len(value) <= 4 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (key == 'mean' or v > 0)
+                for v in value)):
+            raise bad(f'pretrained_cfg.{key}', value, f'a list of 1 to 4 finite numbers{" > 0" if key == "std" else ""}')
+    size = pcfg.get('input_size')
+    if size is not None and not (isinstance(size, (list, tuple)) and len(size) == 3 and all(map(_is_int, size))):
+        raise bad('pretrained_cfg.input_size', size, '[channels, height, width] of positive integers')
+    crop = pcfg.get('crop_pct')
+    if crop is not None and not (isinstance(crop, (int, float)) and not isinstance(crop, bool) and 0 < crop <= 4):
+        raise bad('pretrained_cfg.crop_pct', crop, 'a number in (0, 4]')
+    for key in ('interpolation', 'crop_mode'):
+        if pcfg.get(key) is not None and not isinstance(pcfg[key], str):
+            raise bad(f'pretrained_cfg.{key}', pcfg[key], 'a string')
+    classes = cfg.get('num_classes', pcfg.get('num_classes'))
+    if classes is not None and not _is_int(classes, 0):
+        raise bad('num_classes', classes, 'an integer >= 0')
+    for key in ('depth', 'embed_dim', 'num_heads', 'in_chans'):
+        if key in args and not _is_int(args[key]):
+            raise bad(f'model_args.{key}', args[key], 'a positive integer')
+    for key in ('img_size', 'patch_size'):
+        if key in args and args[key] is not None and not _is_size(args[key]):
+            raise bad(f'model_args.{key}', args[key], 'a positive integer or [height, width]')
+    if shapes:
+        _check_sizes_against_weights(args, shapes, origin)
+
+
+def _check_sizes_against_weights(args: Mapping[str, Any], shapes: Mapping[str, Tuple[int, ...]], origin: str) -> None:
+    """The sizes a ViT config gives must be those of its weights (a depth of 10**9 is refused here, not built)."""
+    blocks = {int(m.group(1)) for name in shapes for m in [re.match(r'blocks\.(\d+)\.', name)] if m}
+    if 'depth' in args and blocks and args['depth'] != max(blocks) + 1:
+        raise LoadError(f"{origin}: model_args.depth is {args['depth']}, but the weights hold {max(blocks) + 1} "
+                        f"blocks")
+    width = next((shapes[k][-1] for k in ('cls_token', 'pos_embed') if k in shapes and shapes[k]), None)
+    if 'embed_dim' in args and width is not None and args['embed_dim'] != width:
+        raise LoadError(f"{origin}: model_args.embed_dim is {args['embed_dim']}, but the weights are {width} wide")
+    tokens = shapes.get('pos_embed', (0, 0))[1] if len(shapes.get('pos_embed', ())) == 3 else None
+    if tokens and args.get('img_size') is not None and args.get('patch_size') is not None \
+            and not args.get('dynamic_img_size'):
+        (h, w), (ph, pw) = _pair(args['img_size']), _pair(args['patch_size'])
+        if (h // ph) * (w // pw) > tokens:
+            raise LoadError(f"{origin}: model_args img_size {args['img_size']} with patch_size {args['patch_size']} "
+                            f"gives {(h // ph) * (w // pw)} patches, but the weights' position table has {tokens} "
+                            f"positions")
+
+
+def _check_built_model_fits(name: str, shapes: Mapping[str, Tuple[int, ...]], origin: str) -> None:
+    """Build the model config.json describes on the meta device (nothing allocated) and require that every tensor of
+    the weights file fits it, name and shape, as timm's strict load will."""
+    try:
+        with torch.device('meta'):
+            model = timm.create_model(name, pretrained=False)
+    except (TypeError, ValueError, AssertionError, RuntimeError, KeyError) as e:
+        raise LoadError(f'{origin} describes a model that cannot be built: {one_line(e)[:300]}') from None
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing, extra = sorted(set(ours) - set(shapes)), sorted(set(shapes) - set(ours))
+    wrong = [f'{k} {list(shapes[k])} vs {list(ours[k])}' for k in sorted(set(ours) & set(shapes)) if ours[k] != shapes[k]]
+    if missing or extra or wrong:
+        detail = '; '.join(part for part in (missing and f'missing {missing[:3]}', extra and f'not in the model '
+                                             f'{extra[:3]}', wrong and f'shape {wrong[0]}') if part)
+        raise LoadError(f'{origin} describes a model that does not fit the weights ({detail}): the config or the '
+                        f'weights were changed; download or publish the folder again')
 
 
 def _check_local_dir(folder: str) -> None:
+    """Before timm reads anything of it: the config's fields, publish's record, the weights file timm will load
+    (the recorded one), and the model the config builds against the weights' shapes. The weights' digest is checked
+    where they are loaded (`checkpoint_filter_fn`)."""
+    finish_interrupted_commits(folder)  # a publish killed while switching its files in: complete it first
     cfg = read_model_config(folder)
-    require_registered(cfg['architecture'], f'{folder}/config.json')
-    weights = Path(folder) / WEIGHTS_NAME
-    if weights.exists():
-        check_safetensors(weights, _recorded_sha256(cfg))
+    origin = f'{folder}/config.json'
+    check_model_config(cfg, origin)
+    require_registered(cfg['architecture'], origin)
+    verify_folder(folder, check_digest=False)
+    shapes = _safetensors_shapes(weights_file_timm_loads(folder))
+    if shapes is not None:
+        check_model_config(cfg, origin, shapes)
+        _check_built_model_fits(f'local-dir:{folder}', shapes, origin)
 
 
 def _check_hf_hub(hub_id: str, cache_dir) -> None:
-    cfg_file = _hf_download(hub_id, 'config.json', cache_dir)
+    from .published import _hub_file
+    cfg_file = _hub_file(hub_id, 'config.json', cache_dir)
     if cfg_file is None:
         raise LoadError(f'Hugging Face repo {hub_id!r} has no config.json; it is not a timm model repo')
     cfg = read_model_config(Path(cfg_file).parent)
-    require_registered(cfg['architecture'], f'hf-hub:{hub_id} config.json')
-    _check_hub_weights(hub_id, _recorded_sha256(cfg), cache_dir)
+    origin = f'hf-hub:{hub_id} config.json'
+    check_model_config(cfg, origin)
+    require_registered(cfg['architecture'], origin)
+    verify_hub_repo(hub_id, cache_dir)
+    weights = _hub_file(hub_id, verify_config(cfg, origin).get('weights_file') or WEIGHTS_NAME, cache_dir)
+    shapes = _safetensors_shapes(weights)
+    if shapes is not None:
+        check_model_config(cfg, origin, shapes)
+        _check_built_model_fits(f'hf-hub:{hub_id}', shapes, origin)
 
 
 def _check_registered_name(name: str, pretrained: bool, kwargs: Mapping[str, Any]) -> None:
@@ -406,8 +448,8 @@ def _check_registered_name(name: str, pretrained: bool, kwargs: Mapping[str, Any
     elif cfg.hf_hub_id:
         from .releases import load_releases
         release = load_releases().get(f'{architecture}.{tag}' if tag else architecture) or {}
-        _check_hub_weights(cfg.hf_hub_id, release.get('sha256'), kwargs.get('cache_dir'),
-                           filename=cfg.hf_hub_filename or WEIGHTS_NAME)
+        verify_hub_repo(cfg.hf_hub_id, kwargs.get('cache_dir'), expected_sha256=release.get('sha256'),
+                        filename=cfg.hf_hub_filename or WEIGHTS_NAME)
 
 
 def parse_source(source: Union[str, Path]) -> Tuple[Optional[str], str]:

@@ -114,13 +114,42 @@ def check_result_matches_checkpoint(result: Dict[str, Any], checkpoint: TrainChe
             f'{checkpoint.metric}: this summary.csv is not from the run that wrote the checkpoint')
 
 
+# the ``$names`` a card template may use: what `render_model_card` fills in
+CARD_FIELDS = frozenset((
+    'front_matter', 'model_name', 'architecture', 'dataset', 'synthetic_note', 'load_name', 'num_classes',
+    'input_size', 'mean', 'std', 'crop_pct', 'interpolation', 'depth', 'embed_dim', 'num_heads', 'mlp_hidden',
+    'patch_size', 'model_args', 'checkpoint', 'epoch', 'weights', 'training_args', 'results_table', 'comparison',
+    'attention_summary', 'pos_attn_layer_sentence', 'pos_attn_layer', 'positional_blocks',
+))
+
+
+def check_card_template(template: str, origin: str) -> str:
+    """Refuse (one line, before any work) a template that `string.Template` cannot fill: a ``$`` that starts no
+    name (write ``$$`` for a dollar sign) or a name no card has."""
+    from string import Template
+    unknown = []
+    for match in Template.pattern.finditer(template):
+        name = match.group('named') or match.group('braced')
+        if match.group('invalid') is not None:
+            line = template.count('\n', 0, match.start()) + 1
+            raise UsageError(f"{origin}: a '$' on line {line} starts no field name (write $$ for a dollar sign)")
+        if name is not None and name not in CARD_FIELDS:
+            unknown.append(name)
+    if unknown:
+        raise UsageError(f"{origin}: unknown field(s) {', '.join('$' + n for n in sorted(set(unknown)))}; a card "
+                         f"template may use {', '.join('$' + n for n in sorted(CARD_FIELDS))}")
+    return template
+
+
 def find_card_template(architecture: str, override: Optional[str] = None) -> str:
-    """Template text for the model family (small-image ``*_patch4_32`` or ImageNet ``*_patch16_224``)."""
+    """Template text for the model family (small-image ``*_patch4_32`` or ImageNet ``*_patch16_224``), checked."""
     if override:
         try:
-            return Path(override).read_text(encoding='utf-8')
-        except OSError as e:
-            raise UsageError(f"could not read --card-template '{override}': {e.strerror or e}") from None
+            text = Path(override).read_text(encoding='utf-8')
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"could not read --card-template '{override}': "
+                             f"{getattr(e, 'strerror', None) or e}") from None
+        return check_card_template(text, f"--card-template '{override}'")
     name = next(file for pattern, file in CARD_FAMILIES if pattern.search(architecture))
     for directory in CARD_DIRS:
         if (directory / name).is_file():
@@ -318,4 +347,5 @@ def render_model_card(template: str, model_name: str, config: Dict[str, Any], ch
         comparison=_comparison(result, twin, config['num_classes'], standard=pos_blocks is not None and not pos_blocks),
         **_attention_texts(architecture),
     )
+    assert set(values) == CARD_FIELDS, sorted(set(values) ^ CARD_FIELDS)  # one list of fields (check_card_template)
     return Template(template).substitute(values)

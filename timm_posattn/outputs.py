@@ -219,6 +219,7 @@ class FolderClaim:
         self.manifest: Dict[str, Any] = {}
         self._lock_fd: Optional[int] = None
         self._staged: List[str] = []
+        self._staging_used = False
         self._created: List[Path] = []  # the lock file and folders this claim created (gone again if it wrote nothing)
         self._wrote = False
 
@@ -308,9 +309,9 @@ class FolderClaim:
         self._created = []
 
     def release(self) -> None:
-        if self._staged:  # staged but never committed (the command failed): not part of any set
+        if self._staged or self._staging_used:  # staged but never committed (the command failed): in no set
             shutil.rmtree(self.staging, ignore_errors=True)
-            self._staged = []
+            self._staged, self._staging_used = [], False
         if self._lock_fd is not None:
             if not self._wrote:
                 self._remove_created()  # while still locked: no other claim can hold this lock file
@@ -394,6 +395,16 @@ class FolderClaim:
     def staging(self) -> Path:
         return self.path / f'{_STAGING_PREFIX}{self.key}_{self.run_id}'
 
+    def staging_folder(self) -> Path:
+        """The folder the set is staged in (for writers that fill a folder, e.g. timm's save_for_hf); name the files
+        they wrote in `commit`."""
+        try:
+            os.makedirs(self.staging, exist_ok=True)
+        except OSError as e:
+            raise OutputError(f"could not write into '{self.path}': {_describe_os_error(e)}") from None
+        self._staging_used = True
+        return self.staging
+
     def stage(self, name: str, write_fn: Callable[[IO[bytes]], None]) -> str:
         """Write a file of the set beside the old one (in the staging folder); `commit` switches the set in."""
         if os.path.basename(name) != name or not name:
@@ -411,16 +422,24 @@ class FolderClaim:
     def stage_text(self, name: str, text: str) -> str:
         return self.stage(name, lambda f: f.write(text.encode('utf-8')))
 
-    def commit(self) -> List[str]:
-        """Switch the staged set in for the previous one: journal, then move each file into place, then drop the
-        previous set's files that the new one does not have. Returns the paths of the set."""
+    def commit(self, names: Optional[Sequence[str]] = None) -> List[str]:
+        """Switch the staged set (``names``, default: the files staged with `stage`) in for the previous one:
+        journal, then move each file into place, then drop the previous set's files that the new one does not have.
+        Returns the paths of the set."""
+        if names is not None:
+            missing = [n for n in names if not (self.staging / n).is_file()]
+            if missing:
+                raise RuntimeError(f'{self.folder.command} staged no {missing} in {self.staging}')
+            for name in names:
+                self.folder.file(name)  # an owned name
+            self._staged = list(names)
         previous = [n for n in (self.previous or {}).get('files', []) if n not in self._staged]
         self.manifest['journal'] = {'staging': self.staging.name, 'files': list(self._staged), 'remove': previous}
         self.manifest['files'] = sorted(set(self.manifest['files']) | set(self._staged) | set(previous))
         self._save_manifest()  # the commit point: from here on the new set is the folder's
         _finish_commit(self.path, self.key, self.manifest)
         self.manifest = read_manifest(self.path, self.key) or self.manifest
-        staged, self._staged = self._staged, []
+        staged, self._staged, self._staging_used = self._staged, [], False
         return [str(self.path / name) for name in staged]
 
 

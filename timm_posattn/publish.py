@@ -17,9 +17,7 @@ import importlib
 import inspect
 import json
 import logging
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -31,7 +29,6 @@ from timm.utils import reparameterize_model
 from .cli import ArgumentParser, UsageError, device_arg, float_range, one_line, run_command
 from .loading import (
     PUBLISH_INFO_KEY, WEIGHTS_NAME, add_ema_arguments, build_model, load_model, read_checkpoint, require_registered,
-    sha256_file,
 )
 from .flops import forward_gmacs
 from .machine import cpu_name
@@ -40,6 +37,7 @@ from .model_card import (
     render_model_card, select_result,
 )
 from .outputs import OutputFolder
+from .published import publish_record
 
 _logger = logging.getLogger('timm_posattn.publish')
 
@@ -252,11 +250,6 @@ def release_entry(repo_id: str, commit: Optional[str], weights_sha256: str) -> D
     return dict(status='published', hf_hub_id=repo_id, revision=commit, sha256=weights_sha256)
 
 
-def _copy_into(src: Path) -> Callable[[Any], None]:
-    def write(f) -> None:
-        with open(src, 'rb') as source:
-            shutil.copyfileobj(source, f, length=1 << 20)
-    return write
 
 
 def publish(checkpoint: str, model_name: str, out: str, repo_id: Optional[str] = None,
@@ -270,7 +263,8 @@ def publish(checkpoint: str, model_name: str, out: str, repo_id: Optional[str] =
     unknown architecture, a missing template or summary, a repo that already holds a model, unreadable or
     non-finite weights. ``use_ema``: None takes the EMA weights when the checkpoint has them.
     """
-    folder = OutputFolder(out, PUBLISHED_FILES, overwrite=force, command='publish', flag='--force').check()
+    folder = OutputFolder(out, PUBLISHED_FILES, overwrite=force, command='publish', flag='--force', key='publish')
+    folder.check()
     architecture, tag = split_model_name_tag(model_name)
     require_registered(architecture, '--model')
     template = find_card_template(architecture, card_template)
@@ -304,27 +298,28 @@ def publish(checkpoint: str, model_name: str, out: str, repo_id: Optional[str] =
         model_config['label_names'] = list(label_names)
         model_config['pretrained_cfg']['label_names'] = list(label_names)
 
-    with tempfile.TemporaryDirectory(prefix='timm_posattn_publish_') as tmp_dir:
-        tmp = Path(tmp_dir)
-        export_folder(source, tmp, data_config_from_args(ckpt.args), model_config, ckpt.model_kwargs)
-        config = json.loads((tmp / 'config.json').read_text())
-        weights_sha256 = sha256_file(tmp / WEIGHTS_NAME)
-        config[PUBLISH_INFO_KEY]['weights_sha256'] = weights_sha256
-        (tmp / 'config.json').write_text(json.dumps(config, indent=2))
+    # The set is built, verified and documented beside the published files, then switched in whole: a kill at any
+    # moment leaves the old set or the new one (outputs.FolderClaim). Nothing else in --out is touched.
+    with folder.claim() as claim:
+        staging = claim.staging_folder()
+        export_folder(source, staging, data_config_from_args(ckpt.args), model_config, ckpt.model_kwargs)
+        config = json.loads((staging / 'config.json').read_text())
+        config[PUBLISH_INFO_KEY].update(publish_record(config, staging / WEIGHTS_NAME))
+        weights_sha256 = config[PUBLISH_INFO_KEY]['weights_sha256']
+        claim.stage_text('config.json', json.dumps(config, indent=2))
 
-        diff = verify_folder(tmp, source, atol=atol)
+        diff = verify_folder(staging, source, atol=atol)
         stats = measure_model(source, config['pretrained_cfg']['input_size'], device=bench_device,
                               benchmark=benchmark)
         card = render_model_card(
             template=template, model_name=model_name, config=config, checkpoint=ckpt, weights=weights, stats=stats,
             result=result, twin=twin, dataset=dataset, architecture=describe_architecture(source), repo_id=repo_id,
             card_license=card_license)
-        (tmp / 'README.md').write_text(card, encoding='utf-8')
-        built = sorted(p.name for p in tmp.iterdir())
+        claim.stage_text('README.md', card)
+        built = sorted(p.name for p in staging.iterdir())
         if built != sorted(PUBLISHED_FILES):
             raise RuntimeError(f'publish built {built}, expected exactly {sorted(PUBLISHED_FILES)}')
-        for name in PUBLISHED_FILES:  # each file replaced atomically; nothing else in --out is touched
-            folder.write(name, _copy_into(tmp / name))
+        claim.commit(PUBLISHED_FILES)
 
     summary = dict(out=str(folder.path.resolve()), weights=ckpt.describe(weights), max_logit_diff=diff,
                    weights_sha256=weights_sha256, stats=stats, result=result)

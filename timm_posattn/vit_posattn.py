@@ -49,6 +49,7 @@ from timm.models.vision_transformer import Block, get_init_weights_vit, global_p
 
 from .dataset_info import DATASETS
 from .layers import GridSize, PositionalAttentionMap, PositionalBlock
+from .published import check_finite, verify_pretrained_source
 from .releases import hub_cfg
 
 __all__ = ['VisionTransformerPosAttn', 'StandardBlock', 'checkpoint_filter_fn', 'resolve_pos_attn_layers']
@@ -532,9 +533,15 @@ def checkpoint_filter_fn(
 
     Position embeddings and patch kernels are resampled to the model's grid; attention weights are converted by each
     block's layer (values and output projections kept; what has no counterpart freshly initialized and logged).
+    Weights holding NaN or inf are refused, and weights timm just loaded from a folder or Hub repo written by
+    `timm_posattn.publish` are checked against what publishing recorded (`timm_posattn.published`), so that
+    ``timm.create_model('local-dir:…' / 'hf-hub:…', pretrained=True)`` checks what our own loaders do.
     """
     state_dict = state_dict.get('model', state_dict)
     state_dict = state_dict.get('state_dict', state_dict)
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    check_finite(state_dict, f"the weights from {cfg.get('file') or cfg.get('hf_hub_id') or 'the checkpoint'}")
+    verify_pretrained_source(cfg)
     state_dict = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state_dict.items()}
     required = ('patch_embed.proj.weight', 'pos_embed', 'blocks.0.norm1.weight')
     missing = [k for k in required if k not in state_dict]
