@@ -14,7 +14,7 @@ from timm_posattn.convert import (
     ConvertError, attention_distance, attention_kl, convert_vit, fit_attention, record_average_attention, twin_kwargs)
 from timm_posattn.dataset_info import STRUCTURED_MEAN, STRUCTURED_STD
 from timm_posattn.loading import load_model, make_checkpoint, read_checkpoint
-from timm_posattn.outputs import OutputFolder
+from timm_posattn.outputs import LOCK_NAME, manifest_name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(img_size=32, patch_size=4, embed_dim=48, depth=2, num_heads=3, mlp_ratio=2, num_classes=4)
@@ -156,8 +156,8 @@ def _standard_checkpoint(tmp_path):
 def test_written_checkpoint_loads_with_the_same_logits(tmp_path, one_thread):
     path, source = _standard_checkpoint(tmp_path)
     model, report = convert_vit(str(path), _images(6), pos_attn_layer='tied', fit_steps=10)
-    folder = OutputFolder(tmp_path / 'out', (convert.CHECKPOINT_NAME, convert.REPORT_NAME, convert.PLOT_NAME))
-    convert.write_conversion(folder, model, report, convert.checkpoint_args(report))
+    with convert.output_folder(str(tmp_path / 'out')).claim() as claim:
+        convert.write_conversion(claim, model, report, convert.checkpoint_args(report))
     loaded = load_model(str(tmp_path / 'out' / convert.CHECKPOINT_NAME)).eval()
     assert type(loaded.blocks[0].attn.pos_map).__name__ == 'TiedAttentionMap'
     images = _images(3, seed=1)
@@ -176,7 +176,8 @@ def test_command_writes_checkpoint_report_and_plot(tmp_path, one_thread, capsys)
     argv = ['--source', str(path), '--dataset', 'structured', '--num-images', '20', '--fit-steps', '20',
             '--out', str(out), '-j', '0', '-b', '8', '--device', 'cpu']
     report = convert.main(argv)
-    assert sorted(os.listdir(out)) == ['attention.png', 'converted.pth.tar', 'notes.txt', 'report.json']
+    assert sorted(os.listdir(out)) == sorted([LOCK_NAME, manifest_name('convert'), 'attention.png',
+                                              'converted.pth.tar', 'notes.txt', 'report.json'])
     assert json.loads((out / 'report.json').read_text()) == json.loads(json.dumps(report))
     assert (report['num_calibration_images'], report['num_holdout_images']) == (16, 4)
     assert set(report['top1']) == {'source', 'copy_only', 'fitted'}  # structured brings labels

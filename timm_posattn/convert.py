@@ -37,7 +37,7 @@ from timm.utils import AttentionExtract
 from .cli import ArgumentParser, UsageError, float_range, int_range, one_line, run_command
 from .layers import LogitsAttentionMap, PositionalBlock, list_pos_attn_layers
 from .loading import check_finite, load_model, make_checkpoint, read_checkpoint
-from .outputs import OutputFolder
+from .outputs import FolderClaim, OutputFolder
 from .vit_posattn import StandardBlock, VisionTransformerPosAttn, checkpoint_filter_fn, resolve_pos_attn_layers
 
 __all__ = [
@@ -51,6 +51,7 @@ _logger = logging.getLogger(__name__)
 CHECKPOINT_NAME = 'converted.pth.tar'
 REPORT_NAME = 'report.json'
 PLOT_NAME = 'attention.png'
+OUTPUT_FILES = (CHECKPOINT_NAME, REPORT_NAME, PLOT_NAME)  # what the command owns in --out (one set)
 DATA_CONFIG_KEYS = ('input_size', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode')
 
 Batch = Union[torch.Tensor, Sequence[torch.Tensor]]  # images, or (images, targets, ...)
@@ -619,20 +620,27 @@ def checkpoint_args(report: ConversionReport, **extra: Any) -> Dict[str, Any]:
     return args
 
 
-def write_conversion(folder: OutputFolder, model: VisionTransformerPosAttn, report: ConversionReport,
+def output_folder(path: str, overwrite: bool = False) -> OutputFolder:
+    """The folder the command writes its three files into (`outputs`: claimed, replaced only when told)."""
+    return OutputFolder(path, OUTPUT_FILES, overwrite=overwrite, command='python -m timm_posattn.convert',
+                        key='convert')
+
+
+def write_conversion(claim: FolderClaim, model: VisionTransformerPosAttn, report: ConversionReport,
                      args: Dict[str, Any]) -> List[str]:
-    """Write the checkpoint (train.py format), report.json and the attention plot into `folder`; returns the paths."""
+    """Write the checkpoint (train.py format), report.json and the attention plot into the claimed folder, as one
+    set (a kill never leaves a report of another conversion beside the checkpoint); returns the paths."""
     import matplotlib.pyplot as plt
     checkpoint = make_checkpoint(report.arch, 0, {k: v.detach().cpu() for k, v in model.state_dict().items()},
                                  args=args)
-    paths = [folder.write(CHECKPOINT_NAME, lambda f: torch.save(checkpoint, f)),
-             folder.write_text(REPORT_NAME, json.dumps(report.to_dict(), indent=2) + '\n')]
+    claim.stage(CHECKPOINT_NAME, lambda f: torch.save(checkpoint, f))
+    claim.stage_text(REPORT_NAME, json.dumps(report.to_dict(), indent=2) + '\n')
     fig = attention_comparison_figure(model, report.source_attention)
     try:
-        paths.append(folder.write(PLOT_NAME, lambda f: fig.savefig(f, format='png', dpi=110)))
+        claim.stage(PLOT_NAME, lambda f: fig.savefig(f, format='png', dpi=110))
     finally:
         plt.close(fig)
-    return paths
+    return claim.commit()
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -726,8 +734,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     from .data import create_dataset, is_structured
 
     args = _parser().parse_args(argv)
-    folder = OutputFolder(args.out, (CHECKPOINT_NAME, REPORT_NAME, PLOT_NAME), overwrite=args.overwrite,
-                          command='python -m timm_posattn.convert').check()
+    folder = output_folder(args.out, overwrite=args.overwrite).check()
     device = _device(args.device)
     source, data_config, saved = load_source(args.source, pretrained=True if args.pretrained else None)
     source.to(device)
@@ -747,14 +754,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         std=data_config['std'], crop_pct=data_config['crop_pct'], crop_mode=data_config.get('crop_mode'),
         num_workers=args.workers)
 
-    model, report = convert_vit(
-        source, _calibration_batches(loader, args.num_images), pos_attn_layer=args.pos_attn_layer,
-        pos_attn_layers=args.pos_attn_layers, fit_steps=args.fit_steps, fit_lr=args.fit_lr, holdout=args.holdout,
-        data_config=data_config, seed=args.seed)
-    report.source = args.source
-    ckpt_args = checkpoint_args(report, dataset=args.dataset, data_dir=args.data_dir,
-                                split=args.split, data_seed=data_seed)
-    paths = write_conversion(folder, model, report, ckpt_args)
+    with folder.claim() as claim:  # no other process writes here until the set is committed
+        model, report = convert_vit(
+            source, _calibration_batches(loader, args.num_images), pos_attn_layer=args.pos_attn_layer,
+            pos_attn_layers=args.pos_attn_layers, fit_steps=args.fit_steps, fit_lr=args.fit_lr,
+            holdout=args.holdout, data_config=data_config, seed=args.seed)
+        report.source = args.source
+        ckpt_args = checkpoint_args(report, dataset=args.dataset, data_dir=args.data_dir,
+                                    split=args.split, data_seed=data_seed)
+        paths = write_conversion(claim, model, report, ckpt_args)
 
     print(f'{report.source} -> {report.arch} ({args.pos_attn_layer}), {report.num_calibration_images} calibration '
           f'images, {report.num_holdout_images} held out, {report.seconds:.1f} s')

@@ -8,6 +8,7 @@ sets (``DIR/results.json``, ``DIR/attention.png``, ``DIR/metrics.png``). ``trans
 a new feature w' (orthogonal to w*, same hidden sets) from n samples, keeping the pretrained attention or training
 from scratch, averaged over seeds (``DIR/results.json``, ``DIR/transfer.png``). See docs/paper_experiments.md.
 """
+import argparse
 import json
 import os
 import sys
@@ -317,14 +318,24 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     args = _parse_args(argv)
     preset, config, settings = _resolve_settings(args)
     folder = OutputFolder(args.out, OUTPUTS[args.experiment], overwrite=args.overwrite,
-                          command=f'python -m timm_posattn.paper {args.experiment}').check()
-    removed = folder.remove(folder.existing())
-    if removed:
-        print(f"--overwrite: removed the previous run's {', '.join(removed)} from {args.out}", flush=True)
+                          command=f'python -m timm_posattn.paper {args.experiment}', key='paper').check()
+    # the results and plots are computed into a staging folder and replace the previous ones only when all are
+    # written (outputs.FolderClaim): an error or a kill during the run leaves the previous results as they were
+    with folder.claim() as claim:
+        results = _run_experiment(args, preset, config, settings, str(claim.staging_folder()))
+        results['command'] = ' '.join(['python -m timm_posattn.paper'] + list(sys.argv[1:] if argv is None else argv))
+        claim.stage_text('results.json', json.dumps(results, indent=2))
+        paths = claim.commit(OUTPUTS[args.experiment])
+    print(f'wrote {", ".join(paths)}')
+    return results
+
+
+def _run_experiment(args: argparse.Namespace, preset: str, config: StructuredConfig, settings: TrainSettings,
+                    out_dir: str) -> Dict:
     torch.set_num_threads(args.threads)  # the matrices are tiny: extra threads only add synchronisation
     if args.experiment == 'association':
         seed = 0 if args.seed is None else args.seed
-        results = association_experiment(config, settings, init=args.init, seed=seed, out_dir=args.out, log=True,
+        results = association_experiment(config, settings, init=args.init, seed=seed, out_dir=out_dir, log=True,
                                          attention=args.attention)
         print(f"test_accuracy {results['test_accuracy']:.4f}  association {results['association']:.3f} "
               f"(chance {results['chance']:.3f})  set_purity {results['set_purity']:.3f} "
@@ -332,21 +343,19 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     else:
         ns = TRANSFER_NS[preset] if args.n is None else args.n
         num_seeds = TRANSFER_SEEDS[preset] if args.seeds is None else args.seeds
-        results = transfer_experiment(config, settings, ns, num_seeds=num_seeds, init=args.init, out_dir=args.out,
+        results = transfer_experiment(config, settings, ns, num_seeds=num_seeds, init=args.init, out_dir=out_dir,
                                       log=True, attention=args.attention)
         for n, p, s in zip(results['n'], results['pretrained'], results['scratch']):
             print(f'n {n:5d}  pretrained {p:.3f}  scratch {s:.3f}')
     results['preset'] = preset
-    results['command'] = ' '.join(['python -m timm_posattn.paper'] + list(sys.argv[1:] if argv is None else argv))
-    results_path = folder.write_text('results.json', json.dumps(results, indent=2))
-    print(f'wrote {results_path}')
     return results
 
 
 def run(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry: one line and exit code 2 for errors the user can fix (see `timm_posattn.cli`)."""
     return run_command(lambda: main(argv), argv, on_interrupt=lambda: 'nothing saved: results.json and the plots '
-                                                                        'are written when the run completes')
+                                                                        'replace the previous ones when the run '
+                                                                        'completes')
 
 
 if __name__ == '__main__':
