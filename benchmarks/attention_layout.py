@@ -23,7 +23,6 @@ Every variant is checked against the first one before anything is timed (except 
 `infer` is a no-grad forward; `train` a forward plus backward to every input and weight. Variants are timed
 round-robin, median of `--repeats`.
 """
-import argparse
 import json
 import os
 import statistics
@@ -40,7 +39,8 @@ except ModuleNotFoundError as e:  # run from a checkout without installing
     if e.name != 'timm_posattn':
         raise
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from timm_posattn.files import atomic_write
+from timm_posattn.cli import ArgumentParser, UsageError, int_range, run_command  # noqa: E402
+from timm_posattn.outputs import OutputFolder  # noqa: E402
 from timm_posattn.layers import apply_positional_attention
 
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
@@ -117,7 +117,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run(
+def time_layouts(
         batch_size: int = 32,
         tokens: int = 197,
         dim: int = 384,
@@ -199,27 +199,36 @@ def markdown_table(rows: List[Dict[str, object]]) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> List[Dict[str, object]]:
-    parser = argparse.ArgumentParser(description='Ways to apply a batch-shared attention matrix, timed side by side.')
-    parser.add_argument('--batch-size', '-b', type=int, default=32)
-    parser.add_argument('--tokens', type=int, default=197, help='N, class token included (default: ViT-S/16 at 224)')
-    parser.add_argument('--dim', type=int, default=384)
-    parser.add_argument('--heads', type=int, default=6)
+    parser = ArgumentParser(prog='benchmarks/attention_layout.py',
+                            description='Ways to apply a batch-shared attention matrix, timed side by side.')
+    parser.add_argument('--batch-size', '-b', type=int_range(1), default=32)
+    parser.add_argument('--tokens', type=int_range(1), default=197,
+                        help='N, class token included (default: ViT-S/16 at 224)')
+    parser.add_argument('--dim', type=int_range(1), default=384)
+    parser.add_argument('--heads', type=int_range(1), default=6)
     parser.add_argument('--device', choices=['cpu', 'cuda'], default='cpu')
     parser.add_argument('--dtype', choices=list(DTYPES), default='float32', help='dtype of A, V and Q/K')
     parser.add_argument('--modes', nargs='+', choices=MODES, default=list(MODES))
-    parser.add_argument('--warmup', type=int, default=2)
-    parser.add_argument('--repeats', type=int, default=7)
-    parser.add_argument('--num-threads', type=int, default=None)
+    parser.add_argument('--warmup', type=int_range(1), default=2)
+    parser.add_argument('--repeats', type=int_range(1), default=7)
+    parser.add_argument('--num-threads', type=int_range(1), default=None)
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--projections', action='store_true',
                         help='time whole attention modules (value/QKV and output projections included)')
     parser.add_argument('--json', metavar='OUT', default=None, help='write the rows to OUT')
+    parser.add_argument('--overwrite', action='store_true', help='replace an existing --json file')
     args = parser.parse_args(argv)
     if args.device == 'cuda' and not torch.cuda.is_available():
-        raise SystemExit('--device cuda: no CUDA device is available')
+        raise UsageError('--device cuda: no CUDA device is available')
+    if args.dim % args.heads:
+        raise UsageError(f'--dim {args.dim} is not divisible by --heads {args.heads}: expected whole heads')
+    out = None
+    if args.json:  # refused before any timing
+        out = OutputFolder(os.path.dirname(os.path.abspath(args.json)), [os.path.basename(args.json)],
+                           overwrite=args.overwrite, command='benchmarks/attention_layout.py').check()
     if args.num_threads is not None:
         torch.set_num_threads(args.num_threads)
-    rows = run(args.batch_size, args.tokens, args.dim, args.heads, args.device, args.dtype, args.modes,
+    rows = time_layouts(args.batch_size, args.tokens, args.dim, args.heads, args.device, args.dtype, args.modes,
                args.warmup, args.repeats, args.seed, args.projections)
     print(f'B={args.batch_size} N={args.tokens} C={args.dim} H={args.heads} {args.device}/{args.dtype}, '
           f'{torch.get_num_threads()} threads, torch {torch.__version__}\n')
@@ -227,10 +236,14 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, object]]:
     if args.json:
         payload = dict(argv=sys.argv[1:] if argv is None else argv, torch=torch.__version__,
                        num_threads=torch.get_num_threads(), rows=rows)
-        atomic_write(args.json, lambda f: f.write(json.dumps(payload, indent=2).encode()))
-        print(f'\nwrote {args.json}')
+        print(f'\nwrote {out.write_text(os.path.basename(args.json), json.dumps(payload, indent=2))}')
     return rows
 
 
+def run(argv: Optional[List[str]] = None) -> int:
+    """The command under the package's error policy: a bad value is one line and exit code 2."""
+    return run_command(lambda: main(argv), argv)
+
+
 if __name__ == '__main__':
-    main()
+    sys.exit(run())

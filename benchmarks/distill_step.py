@@ -17,7 +17,7 @@ import statistics
 import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -127,5 +127,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     return result
 
 
+def run(argv: Optional[List[str]] = None) -> int:
+    """The command under the package's error policy: a bad value is one line and exit code 2."""
+    return run_command(lambda: main(argv), argv)
+
+
 if __name__ == '__main__':
-    run_command(main)
+    sys.exit(run())

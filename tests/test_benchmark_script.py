@@ -291,10 +291,10 @@ def test_attention_layout_script_checks_variants_and_writes_rows(tmp_path):
         if row['variant'] == 'timm_sdpa':
             assert row['speed_vs_timm'] == 1.0
     assert json.loads(out.read_text())['rows'] == rows
-    rows = layout.run(batch_size=2, tokens=5, dim=8, num_heads=2, warmup=1, repeats=1, projections=True)
+    rows = layout.time_layouts(batch_size=2, tokens=5, dim=8, num_heads=2, warmup=1, repeats=1, projections=True)
     assert [r['variant'] for r in rows] == ['model', 'channels_first', 'timm_attention'] * 2
     with pytest.raises(ValueError, match='divisible'):
-        layout.run(dim=10, num_heads=3)
+        layout.time_layouts(dim=10, num_heads=3)
 
 
 def test_attention_layout_variants_compute_the_same_mixing():

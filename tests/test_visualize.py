@@ -73,8 +73,11 @@ def test_plot_rejects_bad_requests(model, tmp_path):
         save_attention_plot(model, str(tmp_path / 'a.png'), query_patches=[64])
     with pytest.raises(UsageError, match='no positional-attention blocks'):
         save_attention_plot(timm.create_model(ARCH, pos_attn_layers='none', **SMALL), str(tmp_path / 'b.png'))
-    with pytest.raises(UsageError, match='smaller than one patch'):
-        save_attention_plot(model, str(tmp_path / 'a.png'), img_size=2)
+    for img_size in (2, 30):  # smaller than a patch; not a multiple of the 4 px patch (the model refuses both)
+        with pytest.raises(UsageError, match='expected a multiple of the patch size 4x4'):
+            save_attention_plot(model, str(tmp_path / 'a.png'), img_size=img_size)
+    with pytest.raises(UsageError, match='2 blocks x 12 heads would take 89,407 GiB'):  # refused before allocating
+        save_attention_plot(model, str(tmp_path / 'a.png'), img_size=4000)
     with pytest.raises(UsageError, match='get_attention_maps'):
         save_attention_plot(torch.nn.Linear(2, 2), str(tmp_path / 'a.png'))
     assert not os.path.exists(tmp_path / 'a.png')

@@ -6,6 +6,7 @@ with 130. Numeric options are checked when parsed (`int_range`, `float_range`), 
 message, and an explicit value is used or refused, never replaced.
 """
 import argparse
+import errno
 import logging
 import math
 import sys
@@ -20,6 +21,8 @@ __all__ = [
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+# file-system errors that are the user's to fix (a full disk, a read-only folder, permissions), not bugs
+_USER_OS_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG)
 
 
 class UsageError(ValueError):
@@ -140,12 +143,17 @@ def run_command(
     debug = '--debug' in argv
     try:
         main()
-    except (UsageError, *user_errors) as e:
-        if debug:
+    except (UsageError, OSError, *user_errors) as e:
+        if debug or (isinstance(e, OSError) and not isinstance(e, user_errors) and e.errno not in _USER_OS_ERRORS):
             raise
         for handler in logging.getLogger().handlers:  # earlier log lines first (not shutdown: callers may go on)
             handler.flush()
-        print(f'error: {one_line(e)}', file=sys.stderr)
+        if isinstance(e, OSError) and e.errno in _USER_OS_ERRORS:
+            where = f" '{e.filename}'" if e.filename else ''
+            print(f'error: could not write or read{where}: {e.strerror} (a full disk, a read-only folder or '
+                  f'permissions)', file=sys.stderr)
+        else:
+            print(f'error: {one_line(e)}', file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         if debug:

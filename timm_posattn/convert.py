@@ -365,18 +365,36 @@ class ConversionReport:
         return {k: v for k, v in asdict(self).items() if k != 'source_attention'}
 
 
-def _batches(images: Union[torch.Tensor, Iterable[Batch]], batch_size: int
+def _input_size(source: nn.Module) -> Tuple[Optional[int], ...]:
+    """(channels, height, width) the source takes; None where it takes any (dynamic image size)."""
+    embed = source.patch_embed
+    size = (None, None) if getattr(embed, 'dynamic_img_size', False) or not getattr(embed, 'strict_img_size', True) \
+        else tuple(embed.img_size)
+    return (embed.proj.in_channels, *size)
+
+
+def _checked(x: torch.Tensor, input_size: Tuple[Optional[int], ...]) -> torch.Tensor:
+    expected = 'x'.join('*' if s is None else str(s) for s in input_size)
+    if x.dim() != 4 or any(e is not None and s != e for s, e in zip(x.shape[1:], input_size)):
+        raise ConvertError(f'calibration images of shape {tuple(x.shape)}: the source takes (batch, {expected}) '
+                           f'images; prepare them for the source (its pretrained cfg\'s input size)')
+    return x
+
+
+def _batches(images: Union[torch.Tensor, Iterable[Batch]], batch_size: int,
+             input_size: Tuple[Optional[int], ...] = (None, None, None)
              ) -> Iterator[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
-    """(images, targets or None) from a tensor of images or an iterable of batches (a tensor or (images, targets))."""
+    """(images, targets or None) from a tensor of images or an iterable of batches (a tensor or (images, targets)),
+    each of the size the source takes."""
     if isinstance(images, torch.Tensor):
-        yield from ((x, None) for x in images.split(batch_size))
+        yield from ((_checked(x, input_size), None) for x in images.split(batch_size))
         return
     for batch in images:
         if isinstance(batch, torch.Tensor):
-            yield batch, None
+            yield _checked(batch, input_size), None
         elif isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
             targets = batch[1] if len(batch) > 1 and isinstance(batch[1], torch.Tensor) else None
-            yield batch[0], targets
+            yield _checked(batch[0], input_size), targets
         else:
             raise ConvertError(f'a calibration batch must be an image tensor or (images, targets), got '
                                f'{type(batch).__name__}')
@@ -508,9 +526,18 @@ def convert_vit(
     name = type(source).__name__ if isinstance(source, nn.Module) else str(source)
     if not 0 <= holdout < 1:
         raise ConvertError(f'holdout={holdout}: expected a fraction in [0, 1)')
+    for what, value, ok, expected in (('fit_steps', fit_steps, isinstance(fit_steps, int) and fit_steps >= 0,
+                                       'an integer >= 0 (0: copy only)'),
+                                      ('batch_size', batch_size, isinstance(batch_size, int) and batch_size >= 1,
+                                       'an integer >= 1'),
+                                      ('fit_lr', fit_lr, isinstance(fit_lr, (int, float)) and 0 < fit_lr < math.inf,
+                                       'a finite number > 0')):
+        if not ok or isinstance(value, bool):
+            raise ConvertError(f'{what}={value!r}: expected {expected}')
     if isinstance(source, (str, os.PathLike)):
         source, source_config, _ = load_source(source, pretrained)
         data_config = data_config or source_config
+    check_finite(source, f'the source {name}')  # before anything is blamed on the architecture
     kwargs = twin_kwargs(source)
     try:
         resolve_pos_attn_layers(pos_attn_layers, kwargs['depth'])
@@ -527,7 +554,7 @@ def convert_vit(
     model.pretrained_cfg = model.default_cfg = {**model.pretrained_cfg, **data_config}
 
     held_out = _HeldOut(holdout)
-    recorded = record_average_attention(source, held_out.split(_batches(images, batch_size)))
+    recorded = record_average_attention(source, held_out.split(_batches(images, batch_size, _input_size(source))))
     target = recorded.average[model.pos_attn_indices]
     measure = held_out.count and model.num_classes  # a headless source has no prediction to agree with
     if measure:

@@ -15,13 +15,14 @@ import re
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 from timm.utils import ParseKwargs, reparameterize_model
 
 from .cli import ArgumentParser, UsageError, float_range, int_range, run_command
+from .files import move_into_place, temp_prefix
 from .layers import PositionalBlock
 from .loading import load_model
 from .outputs import OutputFolder
@@ -117,8 +118,10 @@ def export_onnx(
         reparameterize: bool = True,
         atol: float = 1e-4,
         seed: int = 0,
+        overwrite: bool = True,
 ) -> ExportReport:
-    """Export `model` (not modified) to `output_file`, checked; the file is written only if every check passes.
+    """Export `model` (not modified) to `output_file`, checked; the file is written only if every check passes
+    (`overwrite=False`: and only if it does not exist, even if another process creates it meanwhile).
 
     The model is reparameterized first (a copy; `reparameterize=False` exports it as it is, positional attention
     computed in the graph). The checks: `onnx.checker`, no Softmax in a positional block (when reparameterized),
@@ -144,12 +147,17 @@ def export_onnx(
 
     directory = os.path.dirname(os.path.abspath(output_file))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix='.tmp_', suffix='.onnx')
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=temp_prefix('export'), suffix='.onnx')
     os.close(fd)
     try:
-        with warnings.catch_warnings():  # the tracer's notes on shape asserts: the grid is fixed by design
-            warnings.simplefilter('ignore', torch.jit.TracerWarning)
-            onnx_export(model, tmp, example_input=inputs[0], opset=opset, use_dynamo=dynamo, check=True)
+        try:
+            with warnings.catch_warnings():  # the tracer's notes on shape asserts: the grid is fixed by design
+                warnings.simplefilter('ignore', torch.jit.TracerWarning)
+                onnx_export(model, tmp, example_input=inputs[0], opset=opset, use_dynamo=dynamo, check=True)
+        except (RuntimeError, ValueError, UnicodeError, torch.onnx.errors.OnnxExporterError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]  # torch may append every weight
+            raise ExportError(f'the ONNX exporter failed{f" at opset {opset}" if opset else ""}: {first}'
+                              f'{"; try another --opset" if opset else ""}') from None
         onnx_model = onnx.load(tmp)
         softmax = softmax_blocks(onnx_model)
         in_positional = {b: n for b, n in softmax.items() if b in positional}
@@ -166,7 +174,11 @@ def export_onnx(
         if not diff <= atol:
             raise ExportError(f'onnxruntime output differs from PyTorch by {diff:.3g} (max abs), more than '
                               f'atol={atol:g}; the exported file was not kept')
-        os.replace(tmp, output_file)
+        try:
+            move_into_place(tmp, output_file, replace=overwrite)
+        except FileExistsError:
+            raise ExportError(f"'{output_file}' appeared during the export (another process?); pass --overwrite to "
+                              f"replace it") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -208,10 +220,30 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
+def supported_opsets(dynamo: bool) -> Tuple[int, int]:
+    """The opsets the installed torch's exporter writes (TorchScript, or the torch.export based one)."""
+    try:
+        from torch.onnx import _constants  # where torch keeps them; not public, hence the fallback
+        low, high = _constants.ONNX_MIN_OPSET, _constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
+        return (18, _constants.ONNX_MAX_OPSET) if dynamo else (low, high)
+    except (ImportError, AttributeError):
+        return (18, 18) if dynamo else (7, 17)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> ExportReport:
     args = build_parser().parse_args(argv)
     if not args.output.endswith('.onnx'):
         raise UsageError(f"--output {args.output!r}: expected a file name ending in .onnx")
+    try:
+        os.fsencode(args.output).decode('utf-8')
+    except UnicodeDecodeError:
+        raise UsageError(f'--output {args.output!r} is not a UTF-8 path, and the ONNX exporter writes to UTF-8 paths '
+                         f'only: choose another name') from None
+    if args.opset is not None:
+        low, high = supported_opsets(args.dynamo)
+        if not low <= args.opset <= high:
+            raise UsageError(f'--opset {args.opset}: the {"torch.export based" if args.dynamo else "TorchScript"} '
+                             f'exporter of torch {torch.__version__} writes opsets {low} to {high}')
     folder = OutputFolder(os.path.dirname(os.path.abspath(args.output)), [os.path.basename(args.output)],
                           overwrite=args.overwrite, command='timm_posattn.export')
     folder.check()  # refuse before any work
@@ -224,7 +256,7 @@ def main(argv: Optional[Sequence[str]] = None) -> ExportReport:
             raise
         raise UsageError(f'cannot build {args.model}: {e}') from e
     report = export_onnx(model, args.output, batch_size=args.batch_size, opset=args.opset, dynamo=args.dynamo,
-                         reparameterize=not args.no_reparameterize, atol=args.atol)
+                         reparameterize=not args.no_reparameterize, atol=args.atol, overwrite=args.overwrite)
     kind = 'reparameterized' if report.reparameterized else 'as built'
     print(f'wrote {report.path}: {kind}, input {report.input_size}, batch axis dynamic (checked at '
           f'{report.checked_batch_sizes}), positional blocks {len(report.positional_blocks)} without Softmax, '

@@ -11,7 +11,7 @@ import os
 import tempfile
 from typing import IO, Callable, List
 
-__all__ = ['atomic_write', 'remove_stale_temps', 'temp_prefix']
+__all__ = ['atomic_write', 'move_into_place', 'remove_stale_temps', 'temp_prefix']
 
 
 def temp_prefix(owner: str) -> str:
@@ -72,6 +72,16 @@ def atomic_write(path: str, write_fn: Callable[[IO[bytes]], None], replace: bool
             os.remove(tmp)
         raise
     _fsync_dir(directory)
+    return path
+
+
+def move_into_place(tmp: str, path: str, replace: bool = True) -> str:
+    """Put a complete temp file (written by a library that takes a path) in place as `atomic_write` does."""
+    if replace:
+        os.replace(tmp, path)
+    else:
+        _create_from(tmp, path)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
     return path
 
 

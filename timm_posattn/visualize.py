@@ -88,10 +88,7 @@ def save_attention_plot(
         raise UsageError(f'expected a model with positional attention (get_attention_maps(), the vit_posattn_* '
                          f'models), got {type(model).__name__}')
     stack_positions = _resolve_blocks(model, blocks)
-    grid = tuple(model.patch_embed.dynamic_feat_size(to_2tuple(img_size))) if img_size is not None \
-        else tuple(model.patch_embed.grid_size)
-    if min(grid) < 1:
-        raise UsageError(f'img_size {img_size} is smaller than one patch ({model.patch_embed.patch_size})')
+    grid = _plot_grid(model, img_size)
     maps = model.get_attention_maps(img_size).detach().float().cpu()
     pos_blocks = list(model.pos_attn_indices)
     for position, block_maps in enumerate(maps):
@@ -132,6 +129,28 @@ def save_attention_plot(
         plt.close(fig)
 
 
+MAX_MAPS_BYTES = 2 ** 31  # the (blocks, heads, N, N) maps of a plot: beyond this, an image size is refused
+
+
+def _plot_grid(model: nn.Module, img_size: Optional[Union[int, Tuple[int, int]]]) -> Tuple[int, int]:
+    """The patch grid the maps are plotted on; an image size the patches do not tile, or whose maps would not fit
+    in memory, is refused (one line) before anything is computed."""
+    if img_size is None:
+        return tuple(model.patch_embed.grid_size)
+    size, patch = to_2tuple(img_size), to_2tuple(model.patch_embed.patch_size)
+    if any(s < p or s % p for s, p in zip(size, patch)):
+        raise UsageError(f'img_size {img_size}: expected a multiple of the patch size {patch[0]}x{patch[1]} (the '
+                         f'model refuses sizes its patches do not tile)')
+    grid = (size[0] // patch[0], size[1] // patch[1])
+    tokens = grid[0] * grid[1] + int(getattr(model, 'num_prefix_tokens', 1))
+    blocks, heads = len(getattr(model, 'pos_attn_indices', [])), model.blocks[0].attn.num_heads
+    need = blocks * heads * tokens ** 2 * 4
+    if need > MAX_MAPS_BYTES:
+        raise UsageError(f'img_size {img_size} gives {tokens - 1} patches: the attention maps of {blocks} blocks x '
+                         f'{heads} heads would take {need / 2 ** 30:,.0f} GiB; choose a smaller size')
+    return grid
+
+
 def _parse_query(value: str) -> QueryPatch:
     try:
         if ',' in value:
@@ -164,8 +183,8 @@ def _parser() -> ArgumentParser:
 def _visualize(argv: Sequence[str]) -> None:
     args = _parser().parse_args(argv)
     out = os.path.abspath(args.out)
-    OutputFolder(os.path.dirname(out), [os.path.basename(out)], overwrite=args.overwrite,
-                 command='visualize').check()  # before loading anything
+    folder = OutputFolder(os.path.dirname(out), [os.path.basename(out)], overwrite=args.overwrite,
+                          command='visualize').check()  # before loading anything
     loaded = open_model(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained or None,
                         use_ema=args.use_ema, **args.model_kwargs)
     if not loaded.trained:
@@ -173,7 +192,7 @@ def _visualize(argv: Sequence[str]) -> None:
               f'initialization')
     print(f'Plotting {loaded.weights}')
     path = save_attention_plot(loaded.model, out, query_patches=args.query, blocks=args.blocks,
-                               img_size=args.img_size)
+                               img_size=args.img_size, write=lambda p, fn: folder.write(os.path.basename(p), fn))
     print(f'wrote {path}')
 
 
