@@ -1,0 +1,141 @@
+"""Fashion-MNIST end to end on tiny generated idx files: train.py (1-channel 28 px), validate.py, convert, publish and
+the attention-distance figure, with the error policy on missing folders, damaged files and wrong channel counts.
+
+Three 1-epoch train.py runs on 64 / 32 images (tests/idx_files.py writes them in the real idx format) give the
+checkpoints: the positional model, its standard twin (`pos_attn_layers=none`) and timm's own ViT of the same shape.
+"""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import train  # noqa: E402
+import validate  # noqa: E402
+from cli_assertions import assert_one_line_error  # noqa: E402
+from idx_files import split_file, write_dataset  # noqa: E402
+from timm_posattn.dataset_info import get_dataset_info  # noqa: E402
+
+FASHION = get_dataset_info('torch/fashion_mnist')
+COMMON = ['--dataset', 'torch/fashion_mnist', '--input-size', '1', '28', '28', '-j', '0', '-b', '16', '--epochs', '1',
+          '--log-interval', '100', '--warmup-epochs', '0']
+POSATTN = ['--model', 'vit_posattn_tiny_patch4_32', '--model-kwargs', 'depth=2', 'embed_dim=24', 'num_heads=2']
+STANDARD = POSATTN + ['pos_attn_layers=none']
+TIMM_VIT = ['--model', 'vit_tiny_patch16_224', '--model-kwargs', 'patch_size=4', 'embed_dim=24', 'depth=2',
+            'num_heads=2', 'mlp_ratio=1']
+
+
+def _lines(text):
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def _files(folder):
+    return sorted(str(p.relative_to(folder)) for p in Path(folder).rglob('*'))
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    """64 train / 32 test images, gzipped, flat: the layout of Debian's dataset-fashion-mnist package."""
+    return write_dataset(tmp_path_factory.mktemp('fashion'), n_train=64, n_test=32)
+
+
+@pytest.fixture(scope='module')
+def runs(data, tmp_path_factory):
+    """{name: (run folder, final eval metrics)} of the three 1-epoch runs."""
+    out = tmp_path_factory.mktemp('runs')
+    result = {}
+    for name, model in (('posattn', POSATTN), ('standard', STANDARD), ('timm_vit', TIMM_VIT)):
+        run = train.main([*COMMON, *model, '--data-dir', str(data), '--output', str(out), '--experiment', name,
+                          '--no-attention-plot'])
+        result[name] = (Path(run['output_dir']), run['eval'])
+    return result
+
+
+def test_train_normalizes_with_the_datasets_own_values(runs):
+    """No --mean/--std, from scratch: Fashion-MNIST's mean/std, crop and interpolation (the table's), one channel."""
+    for name, (run, metrics) in runs.items():
+        args = yaml.safe_load((run / 'args.yaml').read_text())
+        assert (args['mean'], args['std']) == (list(FASHION.mean), list(FASHION.std)), name
+        assert (args['crop_pct'], args['interpolation']) == (FASHION.crop_pct, FASHION.interpolation)
+        assert args['num_classes'] == 10 and args['input_size'] == [1, 28, 28]
+        assert metrics['top1'] >= 0 and (run / 'model_best.pth.tar').is_file()
+
+
+def test_dataset_normalization_only_for_fresh_models():
+    def resolved(*argv):
+        args = train.parse_args(['--dataset', 'torch/fashion_mnist', '--data-dir', 'x', *argv])
+        train.resolve_defaults(args)
+        return args
+    fresh = resolved()
+    assert (fresh.mean, fresh.std, fresh.crop_pct, fresh.interpolation) == (
+        list(FASHION.mean), list(FASHION.std), FASHION.crop_pct, FASHION.interpolation)
+    given = resolved('--mean', '0.5', '--crop-pct', '0.9')
+    assert given.mean == [0.5] and given.std == list(FASHION.std) and given.crop_pct == 0.9
+    for start in (['--pretrained'], ['--initial-checkpoint', 'start.pth.tar']):  # the weights' cfg, as timm does
+        args = resolved(*start)
+        assert (args.mean, args.std, args.crop_pct, args.interpolation) == (None, None, None, '')
+    assert resolved('--dataset', 'torch/cifar10').mean == [0.4914, 0.4822, 0.4465]
+    folder = train.parse_args(['--data-dir', 'x'])
+    train.resolve_defaults(folder)
+    assert folder.mean is None  # an image folder is not in the table: the model's cfg
+    structured = train.parse_args(['--dataset', 'structured', '--pretrained'])
+    train.resolve_defaults(structured)
+    assert structured.mean == [0.5] * 3  # its pixels encode the patch values: always its own normalization
+
+
+@pytest.mark.parametrize('argv, expected', [
+    (['--data-dir', '/nonexistent/fashion'], 'apt-get install dataset-fashion-mnist'),
+    (['--data-dir', '{data}', '--mean', '0.5', '0.5', '0.5'], '--mean has 3 values: expected 1 or one per input'),
+    (['--data-dir', '{data}', '--initial-checkpoint', '{start}'], "the model's pretrained cfg normalizes 3 channels"),
+    (['--data-dir', '{damaged}'], 'not a complete gzip file'),
+])
+def test_train_errors_are_one_line_and_write_nothing(data, runs, tmp_path, capsys, argv, expected):
+    damaged = write_dataset(tmp_path / 'damaged', n_train=16, n_test=8)
+    images = split_file(damaged, train=True)
+    images.write_bytes(images.read_bytes()[:200])
+    fill = {'{data}': str(data), '{damaged}': str(damaged), '{start}': str(runs['posattn'][0] / 'last.pth.tar')}
+    argv = [fill.get(a, a) for a in argv]
+    code = train.run([*COMMON, *POSATTN, *argv, '--output', str(tmp_path / 'out')])
+    assert_one_line_error(code, capsys.readouterr().err, expected)
+    assert not (tmp_path / 'out').exists()
+
+
+def run_validate(capsys, *argv):
+    code = validate.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_validate_reproduces_the_runs_evaluation(data, runs, capsys, tmp_path):
+    """validate.py on each checkpoint gives the top-1 train.py logged: same data, preprocessing, weights; a torchvision
+    layout with plain files is the same data."""
+    plain = write_dataset(tmp_path / 'tv', n_train=64, n_test=32, gz=False, layout='torchvision')
+    for name, (run, metrics) in runs.items():
+        for root in (data, plain):
+            results = tmp_path / f'{name}-{root.name}.json'
+            code, out, err = run_validate(capsys, '--checkpoint', run / 'last.pth.tar', '--data-dir', root,
+                                          '--results-file', results, '-j', '0')
+            assert code == 0, err
+            measured = json.loads(results.read_text())
+            assert measured['num_samples'] == 32 and measured['dataset'] == 'torch/fashion_mnist'
+            assert measured['top1'] == pytest.approx(metrics['top1'], abs=1e-3), name
+
+
+def test_validate_mean_std_one_value_or_one_per_channel(data, runs, capsys, tmp_path):
+    ckpt = runs['posattn'][0] / 'last.pth.tar'
+    code, out, err = run_validate(capsys, '--checkpoint', ckpt, '--data-dir', data, '--mean', '0.2', '--std', '0.4',
+                                  '-j', '0')
+    assert code == 0, err
+    for argv, expected in ((['--mean', '0.2', '0.2', '0.2'], 'mean has 3 values (given) but the model takes 1'),
+                           (['--std', '0'], 'out of range'),
+                           (['--input-size', '3', '28', '28'], 'the model takes 1-channel inputs, not 3'),
+                           (['--data-dir', tmp_path / 'missing'], 'apt-get install dataset-fashion-mnist')):
+        code, out, err = run_validate(capsys, '--checkpoint', ckpt, '--data-dir', data, *argv, '-j', '0',
+                                      '--results-file', tmp_path / 'r.json')
+        assert_one_line_error(code, err, expected)
+    assert list(tmp_path.iterdir()) == []
