@@ -139,3 +139,36 @@ def test_validate_mean_std_one_value_or_one_per_channel(data, runs, capsys, tmp_
                                       '--results-file', tmp_path / 'r.json')
         assert_one_line_error(code, err, expected)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize('name', ['standard', 'timm_vit'])
+def test_convert_a_one_channel_standard_vit(data, runs, tmp_path, capsys, name):
+    """The standard twin and timm's ViT, both 1 x 28 x 28: converted on the Fashion-MNIST images with their recorded
+    normalization; the printed train.py line trains from the converted checkpoint as it is."""
+    from timm_posattn import convert
+    run, _ = runs[name]
+    out = tmp_path / 'converted'
+    report = convert.main(['--source', str(run / 'model_best.pth.tar'), '--dataset', 'torch/fashion_mnist',
+                           '--data-dir', str(data), '--num-images', '24', '--fit-steps', '5', '-j', '0', '-b', '8',
+                           '--device', 'cpu', '--out', str(out)])
+    printed = capsys.readouterr().out
+    assert report['arch'] == 'vit_posattn_tiny_patch4_32'  # the architecture with a 28 px tag (.fashion_mnist)
+    assert (report['model_kwargs']['in_chans'], report['model_kwargs']['img_size']) == (1, 28)
+    assert list(report['data_config']['input_size']) == [1, 28, 28]
+    assert list(report['data_config']['mean']) == list(FASHION.mean)  # as the source was trained, one channel
+    assert (report['num_calibration_images'], report['num_holdout_images']) == (20, 4) and report['top1']
+    flags = next(line for line in printed.splitlines() if line.startswith('train from it: python train.py '))
+    argv = flags.split('train.py ', 1)[1].split()
+    assert argv[argv.index('--input-size') + 1:argv.index('--input-size') + 4] == ['1', '28', '28']
+    result = train.main([*argv, '--dataset', 'torch/fashion_mnist', '--data-dir', str(data), '--epochs', '1', '-j',
+                         '0', '-b', '16', '--output', str(tmp_path), '--experiment', 'from_converted',
+                         '--no-attention-plot'])
+    assert result['eval'] is not None
+
+
+def test_convert_missing_data_folder_is_one_line(runs, tmp_path, capsys):
+    from timm_posattn import convert
+    code = convert.run(['--source', str(runs['standard'][0] / 'model_best.pth.tar'), '--dataset',
+                        'torch/fashion_mnist', '--data-dir', str(tmp_path / 'missing'), '--out', str(tmp_path / 'o')])
+    assert_one_line_error(code, capsys.readouterr().err, 'apt-get install dataset-fashion-mnist')
+    assert list(tmp_path.iterdir()) == []
