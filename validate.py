@@ -31,8 +31,10 @@ from timm_posattn.cli import (
     ArgumentParser, ParseKwargs, UsageError, device_arg, float_range, int_range, run_command,
 )
 from timm_posattn.data import DatasetError
-from timm_posattn.evaluation import DATA_KEYS, evaluate_dataset, open_eval_dataset, resolve_preprocessing
-from timm_posattn.loading import LoadedModel, TrainCheckpoint, add_ema_arguments, open_model
+from timm_posattn.evaluation import (
+    DATA_KEYS, evaluate_dataset, open_eval_dataset, resolve_data, resolve_preprocessing,
+)
+from timm_posattn.loading import LoadedModel, add_ema_arguments, open_model
 from timm_posattn.outputs import OutputFolder
 
 _logger = logging.getLogger('validate')
@@ -114,26 +116,6 @@ def load_eval_model(args: argparse.Namespace) -> LoadedModel:
     return loaded
 
 
-def resolve_data(args: argparse.Namespace, ckpt: Optional[TrainCheckpoint]) -> Dict[str, Any]:
-    """Dataset, location, split, samples and seed: given values, else the checkpoint's evaluation set."""
-    saved = ckpt.args if ckpt is not None else {}
-    if args.dataset is not None:
-        dataset = args.dataset
-    elif 'dataset' in saved:
-        dataset = saved['dataset'] or ''
-    else:
-        dataset = '' if args.data_dir else 'structured'
-    same_data = ckpt is not None and (saved.get('dataset') or '') == dataset
-    split = args.split if args.split is not None else (saved.get('val_split') if same_data else None) or 'validation'
-    same_split = same_data and split == (saved.get('val_split') or 'validation')
-    num_samples = args.num_samples
-    if num_samples is None and same_split:
-        num_samples = saved.get('val_num_samples')
-    data_seed = args.data_seed if args.data_seed is not None else ((saved.get('data_seed') or 0) if same_data else 0)
-    data_dir = args.data_dir if args.data_dir is not None else (saved.get('data_dir') if same_data else None)
-    return dict(dataset=dataset, root=data_dir, split=split, num_samples=num_samples, data_seed=data_seed)
-
-
 def evaluate(args: argparse.Namespace) -> Dict[str, Any]:
     """Top-1/top-5 and loss of the model on the dataset split; refuses non-finite weights and outputs."""
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
@@ -141,7 +123,8 @@ def evaluate(args: argparse.Namespace) -> Dict[str, Any]:
     model = loaded.model.to(device).eval()
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
-    data = resolve_data(args, loaded.checkpoint)
+    data = resolve_data(loaded.checkpoint, dataset=args.dataset, data_dir=args.data_dir, split=args.split,
+                        num_samples=args.num_samples, data_seed=args.data_seed)
     data_config = resolve_preprocessing(loaded, data['dataset'], {k: getattr(args, k, None) for k in DATA_KEYS})
     dataset = open_eval_dataset(data['dataset'], data['root'], data['split'], data_config,
                                 download=args.dataset_download, num_samples=data['num_samples'],

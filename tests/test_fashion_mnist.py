@@ -172,3 +172,129 @@ def test_convert_missing_data_folder_is_one_line(runs, tmp_path, capsys):
                         'torch/fashion_mnist', '--data-dir', str(tmp_path / 'missing'), '--out', str(tmp_path / 'o')])
     assert_one_line_error(code, capsys.readouterr().err, 'apt-get install dataset-fashion-mnist')
     assert list(tmp_path.iterdir()) == []
+
+
+def _naive_distance(attn, grid, prefix=1):
+    """Per head: the mean over patch queries of sum_j A_ij * |pos_i - pos_j|, loop by loop from the definition."""
+    gh, gw = grid
+    heads = []
+    for a in attn.detach().double():
+        total = 0.0
+        for i in range(gh * gw):
+            for j in range(gh * gw):
+                total += float(a[prefix + i, prefix + j]) * ((i // gw - j // gw) ** 2 + (i % gw - j % gw) ** 2) ** 0.5
+        heads.append(total / (gh * gw))
+    return heads
+
+
+def _average_attention_by_hand(model, images):
+    """Each block's softmax(q k^T scale) from the block's input, averaged over the images: (H, N, N) per block."""
+    inputs = []
+    hooks = [blk.norm1.register_forward_hook(lambda m, i, o: inputs.append(o)) for blk in model.blocks]
+    with torch.no_grad():
+        model(images)
+    for h in hooks:
+        h.remove()
+    maps = []
+    for blk, x in zip(model.blocks, inputs):
+        B, N, C = x.shape
+        q, k, _ = blk.attn.qkv(x).reshape(B, N, 3, blk.attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+        maps.append(((q * blk.attn.scale) @ k.transpose(-2, -1)).softmax(-1).mean(0))
+    return maps
+
+
+def _test_images():
+    """The 32 test images as the eval loader gives them: 28 px is the native size and crop_pct is 1, so only the
+    normalization changes them."""
+    from idx_files import make_split
+    images, _ = make_split(32, seed=1)  # what write_dataset wrote for t10k
+    return ((images.float() / 255 - FASHION.mean[0]) / FASHION.std[0]).unsqueeze(1)
+
+
+def run_visualize(capsys, *argv):
+    from timm_posattn.visualize import main
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _sharpened(run, path):
+    """The run's checkpoint with queries and keys scaled up: peaked attention, far from the near-uniform attention
+    of one epoch, and (standard blocks) strongly image-dependent, so that the numbers below have something to
+    miss."""
+    from timm_posattn.loading import make_checkpoint, read_checkpoint
+    ckpt = read_checkpoint(run / 'last.pth.tar')
+    state = {k: v.clone() for k, v in ckpt.state_dict.items()}
+    for key, value in state.items():
+        if key.endswith('attn.pos_map.qk.weight'):
+            value.mul_(30)
+        elif key.endswith('attn.qkv.weight'):
+            value[:2 * value.shape[1]].mul_(30)
+    torch.save(make_checkpoint(ckpt.arch, ckpt.epoch, state, args=ckpt.args), path)
+    return path
+
+
+@pytest.mark.parametrize('twin', ['standard', 'timm_vit'])
+def test_distance_figure_and_numbers(data, runs, tmp_path, capsys, twin):
+    """Positional model: distances of its A (no image); twin: of its attention averaged over the 32 test images; both
+    against the uniform row, checked against the definition computed loop by loop."""
+    from timm_posattn.loading import load_model
+    pos_ckpt = _sharpened(runs['posattn'][0], tmp_path / 'pos.pth.tar')
+    twin_ckpt = _sharpened(runs[twin][0], tmp_path / 'twin.pth.tar')
+    (tmp_path / 'notes.txt').write_text('mine')
+    code, out, err = run_visualize(capsys, pos_ckpt, '--distance', '--twin', twin_ckpt, '--data-dir', data,
+                                   '--out', tmp_path / 'fm.png', '-j', '0', '-b', '10')
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.glob('[fn]*')) == ['fm.json', 'fm.png', 'notes.txt']
+    assert (tmp_path / 'fm.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    report = json.loads((tmp_path / 'fm.json').read_text())
+    assert (report['dataset'], report['split']) == ('torch/fashion_mnist', 'test')
+    model_entry, twin_entry = report['models']
+    uniform = _naive_distance(torch.full((1, 50, 50), 1 / 50), (7, 7))[0]
+    positional = load_model(str(pos_ckpt)).eval()
+    expected = _naive_distance(positional.get_attention_maps()[0], (7, 7))
+    assert model_entry['blocks'][0]['heads'] == pytest.approx(expected, abs=1e-5)
+    assert model_entry['images'] == 0 and model_entry['positional_blocks'] == [0, 1]
+    standard = load_model(str(twin_ckpt)).eval()
+    by_hand = _average_attention_by_hand(standard, _test_images())
+    for block, attn in enumerate(by_hand):
+        assert twin_entry['blocks'][block]['heads'] == pytest.approx(_naive_distance(attn, (7, 7)), abs=1e-4)
+    assert twin_entry['images'] == 32 and twin_entry['positional_blocks'] == []
+    for entry in report['models']:
+        assert entry['uniform_row_distance'] == pytest.approx(uniform, abs=1e-6)
+        assert max(abs(d - uniform) for b in entry['blocks'] for d in b['heads']) > 0.3  # not near-uniform
+    assert 'twin: mean distance per block' in out
+
+    code, _, err = run_visualize(capsys, pos_ckpt, '--distance', '--out', tmp_path / 'fm.png')
+    assert_one_line_error(code, err, 'fm.json, fm.png', '--overwrite')
+    assert (tmp_path / 'notes.txt').read_text() == 'mine'
+
+
+def test_distance_of_a_positional_model_needs_no_data(runs, tmp_path, capsys):
+    code, out, err = run_visualize(capsys, runs['posattn'][0] / 'last.pth.tar', '--distance', '--out',
+                                   tmp_path / 'd.png', '--query', '0,6', '--blocks', '1')
+    assert code == 0, err
+    report = json.loads((tmp_path / 'd.json').read_text())
+    assert 'dataset' not in report and report['query_patch'] == [0, 6] and len(report['models']) == 1
+
+
+@pytest.mark.parametrize('argv, expected', [
+    (['--distance', '--twin', '{std}', '--data-dir', '{tmp}/missing'], 'apt-get install dataset-fashion-mnist'),
+    (['--distance', '--twin', '{std}', '--data-dir', '{damaged}'], 'not a complete gzip file'),
+    (['--distance', '--data-dir', '{data}'], 'every block here is positional'),
+    (['--dataset', 'torch/fashion_mnist'], '--dataset apply to --distance'),
+    (['--distance', '--img-size', '32'], '--img-size applies to the attention plot'),
+    (['--distance', '--blocks', '5'], '--blocks [5]: the model has blocks 0..1'),
+    (['--distance', '--query', '7,0'], 'inside the 7x7 grid'),
+    (['--distance', '--twin', '{std}', '--num-images', '0'], 'out of range'),
+    (['--distance', '--twin', 'resnet10t'], 'twin: expected a ViT'),
+])
+def test_distance_errors_are_one_line_and_write_nothing(data, runs, tmp_path, capsys, argv, expected):
+    damaged = write_dataset(tmp_path / 'damaged', n_train=8, n_test=8)
+    images = split_file(damaged, train=False)
+    images.write_bytes(images.read_bytes()[:100])
+    fill = {'{std}': str(runs['standard'][0] / 'last.pth.tar'), '{data}': str(data), '{damaged}': str(damaged)}
+    argv = [fill.get(a, a).replace('{tmp}', str(tmp_path)) for a in argv]
+    code, _, err = run_visualize(capsys, runs['posattn'][0] / 'last.pth.tar', *argv, '--out', tmp_path / 'o' / 'd.png')
+    assert_one_line_error(code, err, expected)
+    assert not (tmp_path / 'o').exists()

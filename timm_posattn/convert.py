@@ -26,7 +26,6 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 import torch
 import torch.nn as nn
 import timm
-from torch.utils.data import Subset
 from timm.data import create_loader, resolve_data_config
 from timm.layers import Attention, Mlp, to_2tuple
 from timm.models import VisionTransformer, get_arch_pretrained_cfgs
@@ -624,18 +623,6 @@ def _device(name: Optional[str]) -> torch.device:
     return device
 
 
-class _Subset(Subset):
-    """A subset that passes on the transform timm's `create_loader` sets, to the dataset it draws from."""
-
-    @property
-    def transform(self) -> Any:
-        return self.dataset.transform
-
-    @transform.setter
-    def transform(self, value: Any) -> None:
-        self.dataset.transform = value
-
-
 def _calibration_batches(loader: Iterable, num_images: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
     """The loader's batches, cut at `num_images` (for datasets without a length)."""
     left = num_images
@@ -648,7 +635,7 @@ def _calibration_batches(loader: Iterable, num_images: int) -> Iterator[Tuple[to
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Run the command; returns the report (as in report.json)."""
-    from .data import create_dataset, is_structured
+    from .data import create_dataset, is_structured, random_subset
     from .evaluation import image_mode
 
     args = _parser().parse_args(argv)
@@ -665,9 +652,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     dataset = create_dataset(args.dataset, root=args.data_dir, split=args.split, data_seed=data_seed,
                              num_samples=args.num_images if structured else None,
                              input_img_mode=image_mode(data_config))
-    if hasattr(dataset, '__len__') and len(dataset) > args.num_images:
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))
-        dataset = _Subset(dataset, order[:args.num_images].tolist())
+    dataset = random_subset(dataset, args.num_images, args.seed)
     loader = create_loader(
         dataset, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=False,
         use_prefetcher=False, interpolation=data_config['interpolation'], mean=data_config['mean'],

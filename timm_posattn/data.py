@@ -10,13 +10,14 @@ into one :class:`DatasetError` whose message says what was expected, so scripts 
 import os
 from typing import Any, Optional
 
-from torch.utils.data import Dataset
+import torch
+from torch.utils.data import Dataset, Subset
 from timm.data import create_dataset as timm_create_dataset
 
 from .cli import UsageError, one_line
 from .dataset_info import DatasetInfo, get_dataset_info
 
-__all__ = ['DatasetError', 'create_dataset', 'is_structured']
+__all__ = ['DatasetError', 'create_dataset', 'is_structured', 'random_subset']
 
 _STRUCTURED = get_dataset_info('structured')
 _SVHN = get_dataset_info('svhn')
@@ -194,3 +195,24 @@ def create_dataset(
     if empty:
         raise DatasetError(f"dataset '{name or 'image folder'}' split '{split}' at '{root}' has no images")
     return ds
+
+
+class _TransformSubset(Subset):
+    """A subset that passes on the transform timm's `create_loader` sets, to the dataset it draws from."""
+
+    @property
+    def transform(self) -> Any:
+        return self.dataset.transform
+
+    @transform.setter
+    def transform(self, value: Any) -> None:
+        self.dataset.transform = value
+
+
+def random_subset(dataset: Dataset, num_samples: Optional[int], seed: int = 0) -> Dataset:
+    """``num_samples`` items drawn at random (seeded) from a dataset that has more; otherwise the dataset itself
+    (an iterable dataset too: its readers cut it)."""
+    if num_samples is None or not hasattr(dataset, '__len__') or len(dataset) <= num_samples:
+        return dataset
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    return _TransformSubset(dataset, order[:num_samples].tolist())

@@ -18,11 +18,11 @@ from torch.utils.data import Dataset
 from .cli import UsageError
 from .data import create_dataset
 from .dataset_info import get_dataset_info
-from .loading import LoadedModel
+from .loading import LoadedModel, TrainCheckpoint
 
 __all__ = [
-    'DATA_KEYS', 'NonFiniteOutputError', 'model_input_channels', 'resolve_preprocessing', 'check_input_size',
-    'image_mode', 'open_eval_dataset', 'evaluate_dataset', 'split_name',
+    'DATA_KEYS', 'NonFiniteOutputError', 'model_input_channels', 'resolve_data', 'resolve_preprocessing',
+    'check_input_size', 'image_mode', 'open_eval_dataset', 'create_eval_loader', 'evaluate_dataset', 'split_name',
 ]
 
 # what resolve_data_config reads: the preprocessing a model was trained with
@@ -43,6 +43,24 @@ def model_input_channels(model: nn.Module) -> int:
         except AttributeError:
             pass
     return int((cfg.get('input_size') or (3,))[0])
+
+
+def resolve_data(ckpt: Optional[TrainCheckpoint], dataset: Optional[str] = None, data_dir: Optional[str] = None,
+                 split: Optional[str] = None, num_samples: Optional[int] = None, data_seed: Optional[int] = None
+                 ) -> Dict[str, Any]:
+    """Dataset, location, split, samples and seed to evaluate on: given values, else the checkpoint's evaluation set
+    (its --dataset, --data-dir, --val-split, --val-num-samples and --data-seed); ``structured`` without either."""
+    saved = ckpt.args if ckpt is not None else {}
+    if dataset is None:
+        dataset = (saved.get('dataset') or '') if 'dataset' in saved else ('' if data_dir else 'structured')
+    same_data = ckpt is not None and (saved.get('dataset') or '') == dataset
+    split = split if split is not None else (saved.get('val_split') if same_data else None) or 'validation'
+    same_split = same_data and split == (saved.get('val_split') or 'validation')
+    if num_samples is None and same_split:
+        num_samples = saved.get('val_num_samples')
+    data_seed = data_seed if data_seed is not None else ((saved.get('data_seed') or 0) if same_data else 0)
+    data_dir = data_dir if data_dir is not None else (saved.get('data_dir') if same_data else None)
+    return dict(dataset=dataset, root=data_dir, split=split, num_samples=num_samples, data_seed=data_seed)
 
 
 def _check_channels(what: str, values: Optional[Sequence[float]], channels: int, origin: str) -> None:
@@ -120,6 +138,16 @@ def split_name(dataset: Optional[str], split: str = 'validation') -> str:
     return (info.split(split) if info is not None else None) or split
 
 
+def create_eval_loader(dataset: Dataset, data_config: Mapping[str, Any], batch_size: int = 256, workers: int = 2,
+                       device: Optional[torch.device] = None) -> Any:
+    """timm's eval loader: resize, centre crop and normalization of ``data_config``, batches on ``device``."""
+    return create_loader(
+        dataset, input_size=data_config['input_size'], batch_size=batch_size, is_training=False,
+        interpolation=data_config['interpolation'], mean=data_config['mean'], std=data_config['std'],
+        crop_pct=data_config['crop_pct'], crop_mode=data_config.get('crop_mode'), num_workers=workers,
+        use_prefetcher=True, device=device or torch.device('cpu'))
+
+
 def evaluate_dataset(
         model: nn.Module,
         dataset: Dataset,
@@ -136,11 +164,7 @@ def evaluate_dataset(
     Refuses non-finite outputs (`NonFiniteOutputError`) and labels the model has no class for (`UsageError`).
     """
     device = device or next(model.parameters()).device
-    loader = create_loader(
-        dataset, input_size=data_config['input_size'], batch_size=batch_size, is_training=False,
-        interpolation=data_config['interpolation'], mean=data_config['mean'], std=data_config['std'],
-        crop_pct=data_config['crop_pct'], crop_mode=data_config.get('crop_mode'), num_workers=workers,
-        use_prefetcher=True, device=device)
+    loader = create_eval_loader(dataset, data_config, batch_size=batch_size, workers=workers, device=device)
     amp_autocast = torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float16,
                                   enabled=amp_dtype is not None)
     loss_fn = nn.CrossEntropyLoss()
