@@ -49,10 +49,15 @@ def runs(data, tmp_path_factory):
     """{name: (run folder, final eval metrics)} of the three 1-epoch runs."""
     out = tmp_path_factory.mktemp('runs')
     result = {}
-    for name, model in (('posattn', POSATTN), ('standard', STANDARD), ('timm_vit', TIMM_VIT)):
-        run = train.main([*COMMON, *model, '--data-dir', str(data), '--output', str(out), '--experiment', name,
-                          '--no-attention-plot'])
-        result[name] = (Path(run['output_dir']), run['eval'])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: fastest on one thread
+    try:
+        for name, model in (('posattn', POSATTN), ('standard', STANDARD), ('timm_vit', TIMM_VIT)):
+            run = train.main([*COMMON, *model, '--data-dir', str(data), '--output', str(out), '--experiment', name,
+                              '--no-attention-plot'])
+            result[name] = (Path(run['output_dir']), run['eval'])
+    finally:
+        torch.set_num_threads(threads)
     return result
 
 
@@ -142,7 +147,7 @@ def test_validate_mean_std_one_value_or_one_per_channel(data, runs, capsys, tmp_
 
 
 @pytest.mark.parametrize('name', ['standard', 'timm_vit'])
-def test_convert_a_one_channel_standard_vit(data, runs, tmp_path, capsys, name):
+def test_convert_a_one_channel_standard_vit(data, runs, tmp_path, capsys, name, one_thread):
     """The standard twin and timm's ViT, both 1 x 28 x 28: converted on the Fashion-MNIST images with their recorded
     normalization; the printed train.py line trains from the converted checkpoint as it is."""
     from timm_posattn import convert
@@ -298,3 +303,80 @@ def test_distance_errors_are_one_line_and_write_nothing(data, runs, tmp_path, ca
     code, _, err = run_visualize(capsys, runs['posattn'][0] / 'last.pth.tar', *argv, '--out', tmp_path / 'o' / 'd.png')
     assert_one_line_error(code, err, expected)
     assert not (tmp_path / 'o').exists()
+
+
+def test_publish_card_reports_the_accuracy_of_the_published_weights(data, runs, tmp_path, capsys):
+    """publish --dataset evaluates the folder it wrote with validate.py's code: validate.py on that folder gives the
+    card's numbers, and the card names the split (Fashion-MNIST's test set) and its number of images."""
+    from huggingface_hub import ModelCard
+    from timm_posattn import publish
+    run = runs['posattn'][0]
+    out = tmp_path / 'published'
+    code = publish.main(['--checkpoint', str(run / 'model_best.pth.tar'), '--model',
+                         'vit_posattn_tiny_patch4_32.fashion_mnist', '--out', str(out), '--no-benchmark',
+                         '--results', str(run / 'summary.csv'), '--dataset', 'torch/fashion_mnist', '--data-dir',
+                         str(data), '-j', '0'])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert 'Evaluated the published weights on torch/fashion_mnist/test (32 images)' in printed
+    config = json.loads((out / 'config.json').read_text())
+    assert config['pretrained_cfg']['input_size'] == [1, 28, 28] and config['pretrained_cfg']['mean'] == [0.286]
+    code, _, err = run_validate(capsys, '--model', f'local-dir:{out}', '--dataset', 'torch/fashion_mnist',
+                                '--data-dir', data, '-j', '0', '--results-file', tmp_path / 'v.json')
+    assert code == 0, err
+    validated = json.loads((tmp_path / 'v.json').read_text())
+    card = ModelCard((out / 'README.md').read_text())
+    top1, top5 = card.data.eval_results
+    assert (top1.metric_value, top5.metric_value) == (validated['top1'], validated['top5'])
+    assert (top1.dataset_split, top1.dataset_name, top1.dataset_type) == (
+        'test', 'Fashion-MNIST', 'zalando-datasets/fashion_mnist')
+    assert (f"| Top-1 accuracy (%) | {validated['top1']:.2f} | the published weights (this folder's "
+            f"model.safetensors)") in card.text
+    assert '`test` split of Fashion-MNIST, 32 images' in card.text
+    assert '| Top-1 accuracy (%), training log |' in card.text and '1x28x28 inputs, 4x4 patches' in card.text
+
+
+@pytest.mark.parametrize('argv, expected', [
+    (['--dataset', 'torch/fashion_mnist', '--data-dir', '{tmp}/missing'], 'apt-get install dataset-fashion-mnist'),
+    (['--dataset', 'torch/fashion_mnist', '--data-dir', '{damaged}'], 'not a complete gzip file'),
+    (['--dataset', 'torch/mnist', '--data-dir', '{tmp}/missing'], '--dataset-download'),
+    (['--workers', '-1'], 'out of range'),
+])
+def test_publish_data_errors_are_one_line_and_write_nothing(runs, tmp_path, capsys, argv, expected):
+    from timm_posattn import publish
+    damaged = write_dataset(tmp_path / 'damaged', n_train=8, n_test=8)
+    labels = split_file(damaged, train=False, what='labels')
+    labels.write_bytes(b'not gzip')
+    argv = [a.replace('{tmp}', str(tmp_path)).replace('{damaged}', str(damaged)) for a in argv]
+    out = tmp_path / 'out'
+    out.mkdir()
+    code = publish.main(['--checkpoint', str(runs['posattn'][0] / 'last.pth.tar'), '--model',
+                         'vit_posattn_tiny_patch4_32', '--out', str(out), '--no-benchmark', *argv])
+    assert_one_line_error(code, capsys.readouterr().err, expected)
+    assert list(out.iterdir()) == []
+
+
+def test_published_fashion_mnist_weights_load_through_the_registered_tag(tmp_path, one_thread):
+    """A checkpoint of the tag's own shape (the default tiny model at 1 x 28 x 28) published as
+    `vit_posattn_tiny_patch4_32.fashion_mnist`: publish finds that the registered tag rebuilds it (a releases.json
+    entry would be offered), and `create_model(tag, pretrained=True)` gives its logits from the published file."""
+    import timm
+    from timm_posattn import publish
+    from timm_posattn.loading import make_checkpoint
+    tag = 'vit_posattn_tiny_patch4_32.fashion_mnist'
+    torch.manual_seed(0)
+    model = timm.create_model(tag).eval()
+    args = dict(model='vit_posattn_tiny_patch4_32', dataset='torch/fashion_mnist', num_classes=10,
+                input_size=[1, 28, 28], mean=list(FASHION.mean), std=list(FASHION.std), crop_pct=1.0,
+                interpolation='bilinear', model_kwargs={'pos_attn_layers': 'all'})
+    torch.save(make_checkpoint('vit_posattn_tiny_patch4_32', 9, model.state_dict(), args=args),
+               tmp_path / 'ckpt.pth.tar')
+    summary = publish.publish(str(tmp_path / 'ckpt.pth.tar'), tag, str(tmp_path / 'pub'), benchmark=False)
+    assert summary['tag_mismatch'] is None
+    loaded = timm.create_model(tag, pretrained=True,
+                               pretrained_cfg_overlay=dict(file=str(tmp_path / 'pub' / 'model.safetensors'))).eval()
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    other = publish.tag_rebuilds_model(model, 'vit_posattn_tiny_patch4_32.cifar10', (1, 28, 28))
+    assert 'do not fit' in other  # the 3 x 32 x 32 tag cannot take them
