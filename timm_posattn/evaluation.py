@@ -66,7 +66,7 @@ def resolve_data(ckpt: Optional[TrainCheckpoint], dataset: Optional[str] = None,
 def _check_channels(what: str, values: Optional[Sequence[float]], channels: int, origin: str) -> None:
     if values is not None and len(values) not in (1, channels):
         raise UsageError(f'{what} has {len(values)} values ({origin}) but the model takes {channels} input '
-                         f'channel(s): give --{what} with 1 value or one per channel')
+                         f'channel(s): give --mean and --std with 1 value or one per channel')
 
 
 def resolve_preprocessing(loaded: LoadedModel, dataset: Optional[str], overrides: Mapping[str, Any]
