@@ -287,7 +287,7 @@ def test_distance_of_a_positional_model_needs_no_data(runs, tmp_path, capsys):
     (['--distance', '--twin', '{std}', '--data-dir', '{tmp}/missing'], 'apt-get install dataset-fashion-mnist'),
     (['--distance', '--twin', '{std}', '--data-dir', '{damaged}'], 'not a complete gzip file'),
     (['--distance', '--data-dir', '{data}'], 'every block here is positional'),
-    (['--dataset', 'torch/fashion_mnist'], '--dataset apply to --distance'),
+    (['--dataset', 'torch/fashion_mnist'], '--dataset applies only to --distance'),
     (['--distance', '--img-size', '32'], '--img-size applies to the attention plot'),
     (['--distance', '--blocks', '5'], '--blocks [5]: the model has blocks 0..1'),
     (['--distance', '--query', '7,0'], 'inside the 7x7 grid'),
@@ -334,6 +334,7 @@ def test_publish_card_reports_the_accuracy_of_the_published_weights(data, runs, 
             f"model.safetensors)") in card.text
     assert '`test` split of Fashion-MNIST, 32 images' in card.text
     assert '| Top-1 accuracy (%), training log |' in card.text and '1x28x28 inputs, 4x4 patches' in card.text
+    assert 'train.py evaluation on the `test` split' in card.text  # its --val-split validation is the test set
 
 
 @pytest.mark.parametrize('argv, expected', [

@@ -76,7 +76,8 @@ def check_distance_arguments(args: argparse.Namespace) -> None:
     defaults are filled in."""
     given = [flag for dest, flag in _OPTIONS.items() if getattr(args, dest) not in (None, False)]
     if not args.distance and given:
-        raise UsageError(f'{", ".join(given)} apply to --distance (the attention-distance report)')
+        raise UsageError(f'{", ".join(given)} appl{"ies" if len(given) == 1 else "y"} only to --distance (the '
+                         f'attention-distance report)')
     if args.distance and args.img_size is not None:
         raise UsageError('--img-size applies to the attention plot; --distance measures at the model\'s own size')
     if args.distance and args.query is not None and len(args.query) > 1:

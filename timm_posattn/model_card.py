@@ -311,6 +311,8 @@ def render_model_card(template: str, model_name: str, config: Dict[str, Any], ch
     cfg = config['pretrained_cfg']
     args = checkpoint.args
     eval_split = args.get('val_split') or 'validation'
+    info = get_dataset_info(args.get('dataset'))  # the split read: Fashion-MNIST's and SVHN's validation is test
+    eval_split = (info.split(eval_split) if info is not None else None) or eval_split
     load_name = f'hf-hub:{repo_id}' if repo_id else 'local-dir:PATH/TO/THIS/FOLDER'
     synthetic_note = ''
     if dataset.synthetic:
