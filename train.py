@@ -453,12 +453,7 @@ def resolve_defaults(args: argparse.Namespace) -> None:
         args.epochs = STRUCTURED_DEMO_EPOCHS if demo else 2
     if args.lr is None and args.lr_base is None:
         args.lr_base = STRUCTURED_DEMO_LR_BASE if demo else 1e-3
-    if structured:  # the normalization that gives the patch values back (timm_posattn.dataset_info)
-        info = get_dataset_info(args.dataset)
-        args.mean = list(info.mean) if args.mean is None else args.mean
-        args.std = list(info.std) if args.std is None else args.std
-        args.crop_pct = info.crop_pct if args.crop_pct is None else args.crop_pct
-        args.interpolation = args.interpolation or info.interpolation
+    resolve_dataset_preprocessing(args)
     if args.eval_metric is None:
         args.eval_metric = 'top1' if args.val_split else 'loss'
     if args.kd_model_name:  # timm's defaults, each only where it is used (a value given where it is not is refused)
@@ -470,6 +465,34 @@ def resolve_defaults(args: argparse.Namespace) -> None:
     args.prefetcher = not args.no_prefetcher
     if args.device is None:
         args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
+
+
+def resolve_dataset_preprocessing(args: argparse.Namespace) -> None:
+    """The normalization (mean, std), crop_pct and interpolation of a run on a dataset of the table, where not given.
+
+    A model trained from scratch takes the dataset's own (`timm_posattn.dataset_info`): the model's pretrained cfg
+    would give ImageNet's three-channel mean to Fashion-MNIST's grey images. Pretrained or --initial-checkpoint
+    weights keep the cfg's, as timm does: they were trained with it. The structured images always take theirs: it is
+    how their pixels encode the patch values.
+    """
+    info = get_dataset_info(args.dataset)
+    if info is None or (not info.synthetic and (args.pretrained or args.initial_checkpoint)):
+        return
+    args.mean = list(info.mean) if args.mean is None else args.mean
+    args.std = list(info.std) if args.std is None else args.std
+    args.crop_pct = info.crop_pct if args.crop_pct is None else args.crop_pct
+    args.interpolation = args.interpolation or info.interpolation
+
+
+def check_normalization(data_config: Dict[str, Any], in_chans: int) -> None:
+    """A mean/std taken from the model's pretrained cfg must fit the input channels (given ones are checked with
+    the arguments): one line, not a shape error in the first batch."""
+    for key in ('mean', 'std'):
+        values = data_config[key]
+        if len(values) not in (1, in_chans):
+            raise UsageError(f"the model's pretrained cfg normalizes {len(values)} channels ({key} "
+                             f"{tuple(round(v, 4) for v in values)}) but the input has {in_chans}: give --mean and "
+                             f"--std with 1 value or one per channel")
 
 
 def input_channels(args: argparse.Namespace) -> int:
@@ -1078,6 +1101,7 @@ def train_and_evaluate(args: argparse.Namespace, run: RunFolder, device: torch.d
     if utils.is_primary(args):
         _logger.info(f'Model {args.model} created, param count: {sum(p.numel() for p in model.parameters())}')
     data_config = resolve_data_config(vars(args), model=model, verbose=utils.is_primary(args))
+    check_normalization(data_config, input_channels(args))
     # timm takes the size from the model's pretrained cfg, channels included: the loader must give --in-chans
     data_config['input_size'] = (input_channels(args), *data_config['input_size'][1:])
     set_preprocessing(model, data_config)  # what the student is trained on (a distillation task reads its mean/std)

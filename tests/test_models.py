@@ -83,6 +83,38 @@ def test_pretrained_tags_have_data_config():
         assert cfg['mean'] and cfg['std'] and cfg['crop_pct'] and cfg['license']
 
 
+def test_fashion_mnist_tag_builds_the_one_channel_28px_model_that_takes_its_weights(tmp_path):
+    """timm applies the tag's cfg (fixed_input_size): in_chans 1, img_size 28 and 10 classes come from it, and
+    pretrained=True loads a weights file of that shape (here a 1-block model, kwargs as for any tag)."""
+    cfg = timm.get_pretrained_cfg('vit_posattn_tiny_patch4_32.fashion_mnist').to_dict()
+    assert cfg['input_size'] == (1, 28, 28) and cfg['num_classes'] == 10 and cfg['crop_pct'] == 1.0
+    assert (cfg['mean'], cfg['std']) == ((0.2860,), (0.3530,)) and cfg['label_names'][0] == 'T-shirt/top'
+    trained = timm.create_model('vit_posattn_tiny_patch4_32.fashion_mnist', depth=1)
+    assert trained.patch_embed.proj.in_channels == 1 and trained.patch_embed.grid_size == (7, 7)
+    assert trained.num_classes == 10
+    with torch.no_grad():
+        for param in trained.parameters():
+            param.add_(torch.randn_like(param))  # not the init: the loaded weights must be these
+    path = tmp_path / 'model.safetensors'
+    save_file(trained.state_dict(), str(path))
+    loaded = timm.create_model('vit_posattn_tiny_patch4_32.fashion_mnist', pretrained=True, depth=1,
+                               pretrained_cfg_overlay=dict(file=str(path))).eval()
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), trained.eval()(x), rtol=0, atol=0)
+
+
+def test_default_tags_keep_the_size_the_name_says():
+    """A name without a tag builds its default tag's cfg; timm makes the first tag *with weights* the default, so
+    publishing `.fashion_mnist` before a 32 px tag would make `vit_posattn_tiny_patch4_32` a 1 x 28 x 28 model (and
+    train.py's default model with it). This fails the day that happens."""
+    for name in FULL_NAMES:
+        size = int(name.rsplit('_', 1)[-1])
+        assert timm.get_pretrained_cfg(name).input_size == (3, size, size), name
+        model = timm.create_model(name, device='meta')
+        assert tuple(model.patch_embed.img_size) == (size, size) and model.patch_embed.proj.in_channels == 3
+
+
 def test_attention_is_the_same_for_every_image():
     model = _small().eval()
     a = _collect_block_attention(model, torch.randn(2, 3, 32, 32))

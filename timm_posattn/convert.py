@@ -20,20 +20,18 @@ import logging
 import math
 import os
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import timm
-from torch.utils.data import Subset
 from timm.data import create_loader, resolve_data_config
-from timm.layers import Attention, Mlp
-from timm.models import VisionTransformer, get_pretrained_cfg
+from timm.layers import Attention, Mlp, to_2tuple
+from timm.models import VisionTransformer, get_arch_pretrained_cfgs
 from timm.models.vision_transformer import Block
-from timm.utils import AttentionExtract
 
+from .attention_stats import AverageAttention, attention_distance, record_average_attention
 from .cli import ArgumentParser, UsageError, float_range, int_range, one_line, run_command
 from .layers import LogitsAttentionMap, PositionalBlock, list_pos_attn_layers
 from .loading import check_finite, load_model, make_checkpoint, read_checkpoint
@@ -59,6 +57,9 @@ Batch = Union[torch.Tensor, Sequence[torch.Tensor]]  # images, or (images, targe
 
 class ConvertError(UsageError):
     """A source or an option convert cannot work with; the message is one line."""
+
+
+SourceAttention = AverageAttention  # the source's attention over the calibration images (`attention_stats`)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -141,16 +142,16 @@ def _compact(value: Any) -> Any:
 
 
 def _twin_arch(kwargs: Dict[str, Any]) -> str:
-    """The registered vit_posattn_* architecture of the source's input size closest in shape to it (most equal shape
-    kwargs, then the nearest width).
+    """The registered vit_posattn_* architecture with a pretrained tag of the source's input size (any tag: a 28 px
+    source matches `.fashion_mnist`) closest in shape to it (most equal shape kwargs, then the nearest width).
 
     The checkpoint records every shape kwarg, so the name only has to build; the closest one misleads least.
     """
     shape = ('patch_size', 'embed_dim', 'depth', 'num_heads', 'mlp_ratio')
     scores = {}
     for name in timm.list_models('vit_posattn_*_patch*'):
-        cfg = get_pretrained_cfg(name)
-        if cfg is None or _compact(tuple(cfg.input_size[-2:])) != kwargs['img_size']:
+        sizes = {_compact(tuple(cfg.input_size[-2:])) for cfg in get_arch_pretrained_cfgs(name).values()}
+        if kwargs['img_size'] not in sizes:
             continue
         model = timm.create_model(name, device='meta')  # no memory, no init: only the shape is read
         own = dict(patch_size=_compact(tuple(model.patch_embed.patch_size)), embed_dim=model.embed_dim,
@@ -194,71 +195,7 @@ def _build_positional_twin(source: nn.Module, arch: str, model_kwargs: Dict[str,
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# The source's average attention
-
-
-@contextmanager
-def _unfused_attention(model: nn.Module) -> Iterator[None]:
-    """Attention computed explicitly, so that its softmax is a node FX can extract; fused attention restored after.
-
-    `scaled_dot_product_attention` never materializes the attention matrix: traced fused, there is nothing to record.
-    """
-    fused = [m for m in model.modules() if getattr(m, 'fused_attn', False)]
-    for m in fused:
-        m.fused_attn = False
-    try:
-        yield
-    finally:
-        for m in fused:
-            m.fused_attn = True
-
-
-class SourceAttention(NamedTuple):
-    """The source's attention over the calibration images."""
-    average: torch.Tensor  # (blocks, H, N, N) float32: the mean over images
-    count: int  # images
-    image_kl: torch.Tensor  # (blocks,): mean over images, heads and rows of KL(A(x) || average)
-
-
-def record_average_attention(source: nn.Module, images: Iterable[torch.Tensor]) -> SourceAttention:
-    """The source's attention of every block and head averaged over images, and how much it varies from image to image.
-
-    Read with timm's `AttentionExtract` (an FX graph of the source that also returns each block's softmax), traced
-    with fused attention off; the source itself is not changed (it is left in eval mode). Images are moved to the
-    source's device; sums are kept in float64.
-
-    `image_kl` is the part of the source's attention no positional attention can fit: for any fixed attention B,
-    mean_x KL(A(x) || B) = mean_x KL(A(x) || average) + KL(average || B). It comes from the same pass, as
-    mean_x sum_j A log A - sum_j average log average.
-    """
-    names = [f'blocks.{i}.attn.softmax' for i in range(len(source.blocks))]
-    with _unfused_attention(source):
-        extractor = AttentionExtract(source, names=names, method='fx')
-    device = next(source.parameters()).device
-    total = neg_entropy = None
-    count = 0
-    with torch.no_grad():
-        for x in images:
-            maps = extractor(x.to(device))
-            attn = [maps[name].double() for name in names]
-            batch_sum = torch.stack([a.sum(0) for a in attn])
-            batch_neg_entropy = torch.stack([torch.xlogy(a, a).sum((0, -1)) for a in attn])
-            total = batch_sum if total is None else total + batch_sum
-            neg_entropy = batch_neg_entropy if neg_entropy is None else neg_entropy + batch_neg_entropy
-            count += x.shape[0]
-    if not count:
-        raise ConvertError('no calibration images: give at least one image (more than the held-out ones)')
-    average = total / count
-    if not torch.isfinite(average).all():
-        bad = sorted({int(b) for b in torch.nonzero(~torch.isfinite(average))[:, 0]})
-        raise ConvertError(f'the source attention is not finite in blocks {bad}: check the images (normalized for '
-                           f'the source?) and the source weights')
-    image_kl = (neg_entropy / count - torch.xlogy(average, average).sum(-1)).mean((-2, -1))
-    return SourceAttention(average.float(), count, image_kl.float().cpu())
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Fitting and measuring positional attention
+# Fitting and measuring positional attention (the source's average attention: `attention_stats`)
 
 
 def attention_kl(target: torch.Tensor, log_attn: torch.Tensor) -> torch.Tensor:
@@ -325,20 +262,6 @@ def fit_attention(
     with torch.no_grad():
         after = attention_kl(target, _log_attention(maps, pos, grid_size))
     return before.cpu(), after.cpu()
-
-
-def attention_distance(attn: torch.Tensor, grid_size: Tuple[int, int], num_prefix_tokens: int = 1) -> torch.Tensor:
-    """Mean attention distance in patches: (..., N, N) -> (...).
-
-    For each patch query i, sum_j A_ij · |pos_i - pos_j| over the patch keys j (euclidean, in patches), averaged over
-    the patch queries. Class-token rows and columns are left out (they have no position), so the mass a row puts on
-    the class token counts for nothing.
-    """
-    gh, gw = grid_size
-    coords = torch.stack(torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing='ij'), -1).reshape(-1, 2)
-    dist = torch.cdist(coords.double(), coords.double()).to(device=attn.device, dtype=attn.dtype)
-    patches = attn[..., num_prefix_tokens:, num_prefix_tokens:]
-    return (patches * dist).sum(-1).mean(-1)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -454,8 +377,9 @@ def _percent(hits: torch.Tensor) -> float:
 def _source_data_config(source: nn.Module, recorded: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """How the source's images are prepared: its pretrained cfg, under what a train.py checkpoint recorded (its
     --mean/--std/...), at the source's own input size."""
-    config = resolve_data_config({k: v for k, v in (recorded or {}).items() if k in DATA_CONFIG_KEYS and v},
-                                 model=source)
+    in_chans = source.patch_embed.proj.in_channels  # a 1-value mean is expanded to the source's channels, not 3
+    config = resolve_data_config({'in_chans': in_chans, **{k: v for k, v in (recorded or {}).items()
+                                                            if k in DATA_CONFIG_KEYS and v}}, model=source)
     config['input_size'] = (source.patch_embed.proj.in_channels, *source.patch_embed.img_size)
     return config
 
@@ -734,18 +658,6 @@ def _device(name: Optional[str]) -> torch.device:
     return device
 
 
-class _Subset(Subset):
-    """A subset that passes on the transform timm's `create_loader` sets, to the dataset it draws from."""
-
-    @property
-    def transform(self) -> Any:
-        return self.dataset.transform
-
-    @transform.setter
-    def transform(self, value: Any) -> None:
-        self.dataset.transform = value
-
-
 def _calibration_batches(loader: Iterable, num_images: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
     """The loader's batches, cut at `num_images` (for datasets without a length)."""
     left = num_images
@@ -758,7 +670,8 @@ def _calibration_batches(loader: Iterable, num_images: int) -> Iterator[Tuple[to
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Run the command; returns the report (as in report.json)."""
-    from .data import create_dataset, is_structured
+    from .data import create_dataset, is_structured, random_subset
+    from .evaluation import image_mode
 
     args = _parser().parse_args(argv)
     folder = output_folder(args.out, overwrite=args.overwrite).check()
@@ -771,10 +684,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
     structured = is_structured(args.dataset)
     dataset = create_dataset(args.dataset, root=args.data_dir, split=args.split, data_seed=data_seed,
-                             num_samples=args.num_images if structured else None)
-    if hasattr(dataset, '__len__') and len(dataset) > args.num_images:
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))
-        dataset = _Subset(dataset, order[:args.num_images].tolist())
+                             num_samples=args.num_images if structured else None,
+                             input_img_mode=image_mode(data_config))
+    dataset = random_subset(dataset, args.num_images, args.seed)
     loader = create_loader(
         dataset, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=False,
         use_prefetcher=False, interpolation=data_config['interpolation'], mean=data_config['mean'],
@@ -810,9 +722,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
 
 def _train_flags(args: Dict[str, Any]) -> str:
-    """The train.py flags that build the converted model (train.py reads no model kwargs from --initial-checkpoint)."""
-    kwargs = ' '.join(f'{k}={str(v).replace(" ", "")}' for k, v in args['model_kwargs'].items())
-    flags = f"--model {args['model']} --num-classes {args['num_classes']} --model-kwargs {kwargs}"
+    """The train.py flags that build the converted model (train.py reads no model kwargs from --initial-checkpoint);
+    the size and channels as --input-size, which sizes the model and the data alike."""
+    height, width = to_2tuple(args['model_kwargs']['img_size'])
+    kwargs = ' '.join(f'{k}={str(v).replace(" ", "")}' for k, v in args['model_kwargs'].items() if k != 'img_size')
+    flags = (f"--model {args['model']} --num-classes {args['num_classes']} --input-size {args['in_chans']} {height} "
+             f"{width} --model-kwargs {kwargs}")
     if 'mean' in args and 'std' in args:
         flags += f" --mean {' '.join(map(str, args['mean']))} --std {' '.join(map(str, args['std']))}"
     return flags

@@ -10,13 +10,14 @@ into one :class:`DatasetError` whose message says what was expected, so scripts 
 import os
 from typing import Any, Optional
 
-from torch.utils.data import Dataset
+import torch
+from torch.utils.data import Dataset, Subset
 from timm.data import create_dataset as timm_create_dataset
 
 from .cli import UsageError, one_line
 from .dataset_info import DatasetInfo, get_dataset_info
 
-__all__ = ['DatasetError', 'create_dataset', 'is_structured']
+__all__ = ['DatasetError', 'create_dataset', 'is_structured', 'random_subset']
 
 _STRUCTURED = get_dataset_info('structured')
 _SVHN = get_dataset_info('svhn')
@@ -65,11 +66,16 @@ def _create_svhn(root: Optional[str], split: str, download: bool) -> Dataset:
                            f"expected {split}_32x32.mat{hint}") from e
 
 
-def _create_idx(info: DatasetInfo, root: Optional[str], split: str, download: bool) -> Dataset:
-    from .idx_datasets import FashionMNISTFiles, IdxFileError, MNISTFiles, idx_file_names
+def _create_idx(info: DatasetInfo, root: Optional[str], split: str, download: bool,
+                img_mode: Optional[str] = None) -> Dataset:
+    from .idx_datasets import IMG_MODES, FashionMNISTFiles, IdxFileError, MNISTFiles, idx_file_names
     name = info.dataset_name
     cls = FashionMNISTFiles if info.key == 'fashion_mnist' else MNISTFiles
     split = _split(info, split)
+    img_mode = img_mode or 'L'
+    if img_mode not in IMG_MODES:
+        raise DatasetError(f"dataset '{name}' has grey images: image mode '{img_mode}' is not one of "
+                           f"{', '.join(IMG_MODES)} (1 or 3 input channels)")
     files = ', '.join(f'{n}(.gz)' for n in idx_file_names(split == 'train'))
     where = f"expected {files} in it or in its {cls.folder_name}/raw/"
     hint = f"; {info.install_hint}" if info.install_hint else ''
@@ -77,10 +83,11 @@ def _create_idx(info: DatasetInfo, root: Optional[str], split: str, download: bo
         raise DatasetError(f"dataset '{name}' needs --data-dir: the folder of its idx files ({files}){hint}, "
                            f"or add --dataset-download to fetch them")
     if not download and not os.path.isdir(root):
-        raise DatasetError(f"dataset folder '{root}' for '{name}' does not exist: {where}{hint}, "
+        missing = 'is a file, not a folder' if os.path.exists(root) else 'does not exist'
+        raise DatasetError(f"dataset folder '{root}' for '{name}' {missing}: {where}{hint}, "
                            f"or add --dataset-download to fetch them")
     try:
-        return cls(root, train=split == 'train', download=download)
+        return cls(root, train=split == 'train', download=download, img_mode=img_mode)
     except IdxFileError as e:
         raise DatasetError(f"dataset '{name}' split '{split}': {e}") from None
     except RuntimeError as e:  # torchvision: not found (and not downloaded), or the download failed
@@ -147,7 +154,8 @@ def create_dataset(
         num_samples: Number of samples of ``structured`` or of timm's iterable datasets (refused for the others,
             whose size is fixed).
         data_seed: Seed that generates the ``structured`` dataset (its hidden partition and samples).
-        **kwargs: Passed through to ``timm.data.create_dataset``.
+        **kwargs: Passed through to ``timm.data.create_dataset``; ``input_img_mode`` ('RGB', 'L') also applies to
+            the MNIST family (grey images, repeated in three channels for 'RGB').
 
     Raises:
         DatasetError: when the dataset is missing, empty, or the split does not exist.
@@ -165,7 +173,7 @@ def create_dataset(
         return _create_svhn(root, split, download)
     info = get_dataset_info(name) if name.lower().startswith('torch/') else None
     if info is not None and info.key in _IDX:
-        return _create_idx(info, root, split, download)
+        return _create_idx(info, root, split, download, kwargs.get('input_img_mode'))
 
     _check_root(name, root, download, split)
     try:
@@ -187,3 +195,24 @@ def create_dataset(
     if empty:
         raise DatasetError(f"dataset '{name or 'image folder'}' split '{split}' at '{root}' has no images")
     return ds
+
+
+class _TransformSubset(Subset):
+    """A subset that passes on the transform timm's `create_loader` sets, to the dataset it draws from."""
+
+    @property
+    def transform(self) -> Any:
+        return self.dataset.transform
+
+    @transform.setter
+    def transform(self, value: Any) -> None:
+        self.dataset.transform = value
+
+
+def random_subset(dataset: Dataset, num_samples: Optional[int], seed: int = 0) -> Dataset:
+    """``num_samples`` items drawn at random (seeded) from a dataset that has more; otherwise the dataset itself
+    (an iterable dataset too: its readers cut it)."""
+    if num_samples is None or not hasattr(dataset, '__len__') or len(dataset) <= num_samples:
+        return dataset
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    return _TransformSubset(dataset, order[:num_samples].tolist())

@@ -4,20 +4,24 @@ torchvision's `MNIST` / `FashionMNIST` (what timm's ``torch/mnist`` and ``torch/
 uncompressed files under ``ROOT/<ClassName>/raw/``. The same four files also come flat and gzipped: Debian's
 ``dataset-fashion-mnist`` package puts them in ``/usr/share/datasets/fashion-mnist/``, a read-only system folder.
 These subclasses find the files in either layout and decompress them in memory, so the data folder is never written
-to; with ``download=True`` they fall back to torchvision's download into the torchvision layout. Everything else
-(``__getitem__`` giving PIL 'L' images, ``classes``, ``targets``) is torchvision's.
+to; with ``download=True`` they fall back to torchvision's download into the torchvision layout. Images are PIL
+'L' images as torchvision gives them, or 'RGB' ones (``img_mode``) for a 3-channel model, as timm's datasets do with
+``input_img_mode``. Everything else (``classes``, ``targets``, the transforms) is torchvision's.
 """
 import gzip
 import os
 import zlib
-from typing import Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
+from PIL import Image
 from torchvision.datasets import MNIST, FashionMNIST
 
-__all__ = ['IdxFileError', 'MNISTFiles', 'FashionMNISTFiles', 'find_idx_file', 'read_idx', 'idx_file_names']
+__all__ = ['IdxFileError', 'MNISTFiles', 'FashionMNISTFiles', 'find_idx_file', 'read_idx', 'idx_file_names',
+           'IMG_MODES']
 
 _UBYTE = 0x08  # the idx type code of unsigned bytes, the only one the MNIST family uses
+IMG_MODES = ('L', 'RGB')  # grey as stored, or grey repeated in three channels for a 3-channel model
 
 
 class IdxFileError(ValueError):
@@ -51,6 +55,8 @@ def read_idx(path: str) -> torch.Tensor:
                 data = f.read()
     except (gzip.BadGzipFile, EOFError, zlib.error) as e:
         raise IdxFileError(f"'{path}' is not a complete gzip file ({e})") from None
+    except OSError as e:  # unreadable: permissions, a folder of that name, an I/O error
+        raise IdxFileError(f"'{path}' could not be read ({e.strerror or e})") from None
     if len(data) < 4 or data[:2] != b'\0\0' or data[2] != _UBYTE or not 1 <= data[3] <= 4:
         raise IdxFileError(f"'{path}' is not an idx file of unsigned bytes (its first bytes are {data[:4].hex()})")
     ndim = data[3]
@@ -71,6 +77,30 @@ class _IdxFilesMixin:
     root: str
     train: bool
     classes: list
+    data: torch.Tensor
+    targets: torch.Tensor
+    transform: Optional[Callable]
+    target_transform: Optional[Callable]
+
+    def __init__(self, root: str, train: bool = True, transform: Optional[Callable] = None,
+                 target_transform: Optional[Callable] = None, download: bool = False, img_mode: str = 'L') -> None:
+        if img_mode not in IMG_MODES:
+            raise ValueError(f"img_mode {img_mode!r}: expected one of {', '.join(IMG_MODES)}")
+        self.img_mode = img_mode
+        super().__init__(root, train=train, transform=transform, target_transform=target_transform,
+                         download=download)
+
+    def __getitem__(self, index: int) -> Tuple[Any, Any]:
+        """(image, class index) as torchvision gives them, the image in ``img_mode``."""
+        img = Image.fromarray(self.data[index].numpy())  # uint8 H x W: mode 'L'
+        if img.mode != self.img_mode:
+            img = img.convert(self.img_mode)
+        target = int(self.targets[index])
+        if self.transform is not None:
+            img = self.transform(img)
+        if self.target_transform is not None:
+            target = self.target_transform(target)
+        return img, target
 
     @property
     def raw_folder(self) -> str:  # where torchvision's download puts the files (not this subclass's name)

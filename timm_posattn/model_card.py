@@ -1,7 +1,8 @@
 """Model cards for published checkpoints: a template per model family, filled with measured numbers only.
 
-Numbers come only from the checkpoint's own ``summary.csv`` row (accuracy) and from ``publish.measure_model`` (params,
-GMACs, throughput); anything else is written as "not measured" and left out of the card's metadata. The metadata
+Numbers come only from the checkpoint's own ``summary.csv`` row (accuracy), from publish's evaluation of the published
+folder (``--dataset``: accuracy of exactly the published weights, `timm_posattn.evaluation`) and from
+``publish.measure_model`` (params, GMACs, throughput); anything else is written as "not measured" and left out of the card's metadata. The metadata
 (front matter) is built with ``huggingface_hub.ModelCardData`` / ``EvalResult``; dataset facts come from
 `timm_posattn.dataset_info`; the positional attention layer is read off the built model.
 """
@@ -18,7 +19,7 @@ import yaml
 from .cli import UsageError
 from .dataset_info import get_dataset_info
 from .layers import get_pos_attn_layer, list_pos_attn_layers
-from .loading import TrainCheckpoint
+from .loading import WEIGHTS_NAME, TrainCheckpoint
 
 __all__ = [
     'CARD_DIRS', 'CARD_FAMILIES', 'NOT_MEASURED', 'CardDataset', 'card_dataset', 'read_summary', 'select_result',
@@ -195,22 +196,30 @@ def _fmt(value: Optional[float], digits: int = 2) -> str:
 
 
 def front_matter(model_name: str, repo_id: Optional[str], dataset: CardDataset, result: Optional[Dict[str, Any]],
-                 num_classes: int, card_license: str, eval_split: str = 'validation') -> str:
-    """The card's YAML metadata (``---`` block), built with huggingface_hub's ModelCardData and EvalResult."""
+                 num_classes: int, card_license: str, eval_split: str = 'validation',
+                 evaluation: Optional[Dict[str, Any]] = None) -> str:
+    """The card's YAML metadata (``---`` block), built with huggingface_hub's ModelCardData and EvalResult; the
+    accuracy measured on the published weights (``evaluation``) when there is one, else the training log's."""
     from huggingface_hub import EvalResult, ModelCardData
     tags = ['image-classification', 'timm', 'timm_posattn', 'positional-attention', 'vision-transformer']
     if dataset.synthetic:
         tags.append('synthetic-data')
     eval_results = None
-    if result is not None:
+    measured = None
+    if evaluation is not None:
+        evaluated = card_dataset(evaluation['dataset'], num_classes)
+        measured = (evaluated, evaluation['split'], evaluation['top1'], evaluation.get('top5'))
+    elif result is not None:
+        measured = (dataset, eval_split, result['eval_top1'], result.get('eval_top5'))
+    if measured is not None:
+        on, split, top1, top5 = measured
         common = dict(task_type='image-classification', task_name='Image Classification',
-                      dataset_type=dataset.hub_id or dataset.key or 'unknown', dataset_name=dataset.title,
-                      dataset_split=eval_split)
+                      dataset_type=on.hub_id or on.key or 'unknown', dataset_name=on.title, dataset_split=split)
         eval_results = [EvalResult(metric_type='accuracy', metric_name='Top-1 accuracy (%)',
-                                   metric_value=round(result['eval_top1'], 4), **common)]
-        if 'eval_top5' in result and num_classes > 5:
+                                   metric_value=round(top1, 4), **common)]
+        if top5 is not None and num_classes > 5:
             eval_results.append(EvalResult(metric_type='top_5_accuracy', metric_name='Top-5 accuracy (%)',
-                                           metric_value=round(result['eval_top5'], 4), **common))
+                                           metric_value=round(top5, 4), **common))
     data = ModelCardData(
         library_name='timm', license=card_license, pipeline_tag='image-classification', tags=tags,
         datasets=[dataset.hub_id] if dataset.hub_id else None, metrics=['accuracy'],
@@ -218,18 +227,32 @@ def front_matter(model_name: str, repo_id: Optional[str], dataset: CardDataset, 
     return f'---\n{data.to_yaml()}\n---'
 
 
+def _accuracy_rows(label: str, top1: Optional[float], top5: Optional[float], how: str, num_classes: int
+                   ) -> List[str]:
+    top5_text, top5_how = _fmt(top5), how
+    if num_classes <= 5:
+        top5_text, top5_how = 'n/a', f'{num_classes} classes: top-5 is always 100%'
+    return [f'| Top-1 accuracy (%){label} | {_fmt(top1)} | {how} |',
+            f'| Top-5 accuracy (%){label} | {top5_text} | {top5_how} |']
+
+
 def _results_table(result: Optional[Dict[str, Any]], stats: Dict[str, Any], input_size: Sequence[int],
-                   eval_split: str, num_classes: int) -> str:
+                   eval_split: str, num_classes: int, evaluation: Optional[Dict[str, Any]] = None) -> str:
     if result is not None:
         source = f"train.py evaluation on the `{eval_split}` split, {result['selection']} epoch " \
                  f"{int(result['epoch'])} (summary.csv row of this checkpoint)"
     else:
         source = 'no summary.csv row for this checkpoint was supplied'
-    top1 = _fmt(result.get('eval_top1') if result else None)
-    top5 = _fmt(result.get('eval_top5') if result else None)
-    top5_how = source
-    if num_classes <= 5:
-        top5, top5_how = 'n/a', f'{num_classes} classes: top-5 is always 100%'
+    accuracy = _accuracy_rows('', result.get('eval_top1') if result else None,
+                              result.get('eval_top5') if result else None, source, num_classes)
+    if evaluation is not None:  # measured on the published files themselves: first; the training log's after it
+        how = (f"the published weights (this folder's {WEIGHTS_NAME}), evaluated by publish with validate.py's code "
+               f"(timm_posattn.evaluation) on the `{evaluation['split']}` split of "
+               f"{card_dataset(evaluation['dataset'], num_classes).title}, {evaluation['num_samples']:,} images, "
+               f"preprocessing as in Model details")
+        measured = _accuracy_rows('', evaluation['top1'], evaluation.get('top5'), how, num_classes)
+        accuracy = measured + (_accuracy_rows(', training log', result.get('eval_top1'), result.get('eval_top5'),
+                                              source, num_classes) if result is not None else [])
     shape = 'x'.join(str(s) for s in input_size)
     if 'img_per_sec' in stats:
         speed = _fmt(stats['img_per_sec'], 1)
@@ -238,8 +261,7 @@ def _results_table(result: Optional[Dict[str, Any]], stats: Dict[str, Any], inpu
         speed, speed_how = NOT_MEASURED, 'benchmark skipped'
     return '\n'.join([
         '| Metric | Value | Measured how |', '|---|---|---|',
-        f'| Top-1 accuracy (%) | {top1} | {source} |',
-        f'| Top-5 accuracy (%) | {top5} | {top5_how} |',
+        *accuracy,
         f"| Params (M) | {_fmt(stats['params_m'])} | counted on the published weights |",
         f"| GMACs | {_fmt(stats['gmacs'], 3)} | torch.utils.flop_counter's formulas, fused attention included "
         f"(timm_posattn.flops), one {shape} image (FLOPs / 2), the model "
@@ -307,15 +329,19 @@ def _attention_texts(architecture: Dict[str, Any]) -> Dict[str, str]:
 def render_model_card(template: str, model_name: str, config: Dict[str, Any], checkpoint: TrainCheckpoint,
                       weights: str, stats: Dict[str, Any], result: Optional[Dict[str, Any]],
                       twin: Optional[Dict[str, Any]], dataset: CardDataset, architecture: Dict[str, Any],
-                      repo_id: Optional[str] = None, card_license: str = 'apache-2.0') -> str:
+                      repo_id: Optional[str] = None, card_license: str = 'apache-2.0',
+                      evaluation: Optional[Dict[str, Any]] = None) -> str:
     """Fill a ``model_cards/*.md`` template (``string.Template`` ``$names``) with this checkpoint's facts.
 
-    ``weights``: which weights of the checkpoint are published ('state_dict_ema' or 'state_dict').
+    ``weights``: which weights of the checkpoint are published ('state_dict_ema' or 'state_dict'). ``evaluation``:
+    publish's measurement of the published folder (dataset, split, num_samples, top1, top5), reported first.
     """
     from string import Template
     cfg = config['pretrained_cfg']
     args = checkpoint.args
     eval_split = args.get('val_split') or 'validation'
+    info = get_dataset_info(args.get('dataset'))  # the split read: Fashion-MNIST's and SVHN's validation is test
+    eval_split = (info.split(eval_split) if info is not None else None) or eval_split
     load_name = f'hf-hub:{repo_id}' if repo_id else 'local-dir:PATH/TO/THIS/FOLDER'
     synthetic_note = ''
     if dataset.synthetic:
@@ -325,7 +351,7 @@ def render_model_card(template: str, model_name: str, config: Dict[str, Any], ch
     pos_blocks = architecture.get('positional_blocks')
     values = dict(
         front_matter=front_matter(model_name, repo_id, dataset, result, config['num_classes'], card_license,
-                                  eval_split),
+                                  eval_split, evaluation),
         model_name=model_name,
         architecture=config['architecture'],
         dataset=dataset.phrase,
@@ -343,7 +369,8 @@ def render_model_card(template: str, model_name: str, config: Dict[str, Any], ch
         epoch=checkpoint.epoch if checkpoint.epoch is not None else NOT_MEASURED,
         weights='the EMA weights' if weights == 'state_dict_ema' else 'the (non-EMA) model weights',
         training_args=_training_args(args),
-        results_table=_results_table(result, stats, cfg['input_size'], eval_split, config['num_classes']),
+        results_table=_results_table(result, stats, cfg['input_size'], eval_split, config['num_classes'],
+                                     evaluation),
         comparison=_comparison(result, twin, config['num_classes'], standard=pos_blocks is not None and not pos_blocks),
         **_attention_texts(architecture),
     )

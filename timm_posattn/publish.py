@@ -10,7 +10,9 @@ config.json) plus a model card (README.md) rendered from ``model_cards/`` with n
 only. It is built in a temporary folder, loaded back with `timm_posattn.loading.load_model('local-dir:...')` and
 compared with the source model's logits; only then is each of the three files moved into ``--out`` atomically.
 ``--out`` may hold other files (a run folder, notes): publish owns those three names and never touches anything
-else. With ``--repo-id`` only those files are uploaded.
+else. With ``--repo-id`` only those files are uploaded. With ``--dataset`` (and ``--data-dir``) the verified folder
+is evaluated on that dataset's evaluation split by `timm_posattn.evaluation` (validate.py's code), and the card
+reports that top-1/top-5, measured on exactly the published weights, with the split and its number of images.
 """
 import argparse
 import importlib
@@ -26,12 +28,16 @@ import torch
 from timm.models import save_for_hf, split_model_name_tag
 from timm.utils import reparameterize_model
 
-from .cli import ArgumentParser, UsageError, device_arg, float_range, one_line, run_command
+from .cli import ArgumentParser, UsageError, device_arg, float_range, int_range, one_line, run_command
 from .loading import (
-    PUBLISH_INFO_KEY, WEIGHTS_NAME, add_ema_arguments, build_model, load_model, read_checkpoint, require_registered,
+    PUBLISH_INFO_KEY, WEIGHTS_NAME, add_ema_arguments, build_model, load_model, open_model, read_checkpoint,
+    require_registered,
 )
 from .flops import forward_gmacs
 from .machine import cpu_name
+from .evaluation import (
+    evaluate_dataset, model_input_channels, open_eval_dataset, resolve_data, resolve_preprocessing, split_name,
+)
 from .model_card import (
     card_dataset, check_result_matches_checkpoint, describe_architecture, find_card_template, read_summary,
     render_model_card, select_result,
@@ -149,8 +155,9 @@ def verify_folder(folder: Path, source: torch.nn.Module, atol: float = 1e-5, see
 def tag_rebuilds_model(source: torch.nn.Module, architecture: str, input_size: Sequence[int], atol: float = 1e-5,
                        seed: int = 0) -> Optional[str]:
     """Whether `timm.create_model('ARCH.TAG', pretrained=True)` would rebuild these weights: a registered tag builds
-    the architecture's defaults and cannot pass model kwargs (only `hf-hub:` reads config.json's model_args). None
-    when it would; otherwise why not, in words."""
+    the architecture's defaults with its cfg's input size and classes (``architecture`` may name the tag: a
+    `.fashion_mnist` tag builds 1 x 28 x 28) and cannot pass model kwargs (only `hf-hub:` reads config.json's
+    model_args). None when it would; otherwise why not, in words."""
     import timm
     default = timm.create_model(architecture, num_classes=source.num_classes).eval()
     ours, theirs = source.state_dict(), default.state_dict()
@@ -250,18 +257,41 @@ def release_entry(repo_id: str, commit: Optional[str], weights_sha256: str) -> D
     return dict(status='published', hf_hub_id=repo_id, revision=commit, sha256=weights_sha256)
 
 
+def open_card_dataset(ckpt: Any, source: torch.nn.Module, dataset: Optional[str], data_dir: Optional[str]
+                      ) -> Tuple[Dict[str, Any], Any]:
+    """The evaluation split of ``dataset`` (an image folder with only ``data_dir``) as validate.py would read it for
+    this checkpoint, opened in the model's channel count before any work (a missing or damaged dataset is one line)."""
+    data = resolve_data(ckpt, dataset=dataset or '', data_dir=data_dir, split='validation')
+    channels = {'input_size': (model_input_channels(source), 1, 1)}  # only the image mode is read here
+    opened = open_eval_dataset(data['dataset'], data['root'], data['split'], channels,
+                               num_samples=data['num_samples'], data_seed=data['data_seed'])
+    return data, opened
+
+
+def evaluate_published(folder: Path, data: Dict[str, Any], dataset: Any, device: str = 'cpu', batch_size: int = 256,
+                       workers: int = 2) -> Dict[str, Any]:
+    """Top-1/top-5 of the published folder (loaded back as a user would: `local-dir:`, sha256 checked, its own
+    preprocessing from config.json) on an opened evaluation split; with the dataset name, split and image count."""
+    loaded = open_model(f'local-dir:{folder}')
+    data_config = resolve_preprocessing(loaded, data['dataset'], {})
+    results = evaluate_dataset(loaded.model.to(device), dataset, data_config, batch_size=batch_size, workers=workers,
+                               device=torch.device(device))
+    return dict(results, dataset=data['dataset'] or 'folder', split=split_name(data['dataset'], data['split']))
 
 
 def publish(checkpoint: str, model_name: str, out: str, repo_id: Optional[str] = None,
             results: Optional[str] = None, twin_results: Optional[str] = None, force: bool = False,
             revision: Optional[str] = None, use_ema: Optional[bool] = None, card_template: Optional[str] = None,
             benchmark: bool = True, bench_device: str = 'cpu', card_license: str = 'apache-2.0',
-            atol: float = 1e-5) -> Dict[str, Any]:
+            atol: float = 1e-5, eval_dataset: Optional[str] = None, eval_data_dir: Optional[str] = None,
+            workers: int = 2) -> Dict[str, Any]:
     """Export, document, verify and (with ``repo_id``) upload one checkpoint. Returns a summary dict.
 
     Everything that can be refused is refused before any work: existing files in ``out`` without ``force``, an
     unknown architecture, a missing template or summary, a repo that already holds a model, unreadable or
-    non-finite weights. ``use_ema``: None takes the EMA weights when the checkpoint has them.
+    non-finite weights, a dataset that cannot be opened. ``use_ema``: None takes the EMA weights when the checkpoint
+    has them. ``eval_dataset`` / ``eval_data_dir``: evaluate the verified folder on that evaluation split (on ``bench_device``)
+    for the card.
     """
     folder = OutputFolder(out, PUBLISHED_FILES, overwrite=force, command='publish', flag='--force', key='publish')
     folder.check()
@@ -275,6 +305,9 @@ def publish(checkpoint: str, model_name: str, out: str, repo_id: Optional[str] =
     ckpt = read_checkpoint(checkpoint)
     source, weights = build_model(ckpt, model_name, use_ema=use_ema)  # refuses non-finite weights
     source.eval()
+    eval_data = None
+    if eval_dataset is not None or eval_data_dir is not None:
+        eval_data = open_card_dataset(ckpt, source, eval_dataset, eval_data_dir)
 
     result = select_result(rows, ckpt.epoch) if rows else None
     if result is not None:
@@ -309,12 +342,15 @@ def publish(checkpoint: str, model_name: str, out: str, repo_id: Optional[str] =
         claim.stage_text('config.json', json.dumps(config, indent=2))
 
         diff = verify_folder(staging, source, atol=atol)
+        evaluation = None
+        if eval_data is not None:  # the folder as written and verified: exactly the weights that are published
+            evaluation = evaluate_published(staging, *eval_data, device=bench_device, workers=workers)
         stats = measure_model(source, config['pretrained_cfg']['input_size'], device=bench_device,
                               benchmark=benchmark)
         card = render_model_card(
             template=template, model_name=model_name, config=config, checkpoint=ckpt, weights=weights, stats=stats,
             result=result, twin=twin, dataset=dataset, architecture=describe_architecture(source), repo_id=repo_id,
-            card_license=card_license)
+            card_license=card_license, evaluation=evaluation)
         claim.stage_text('README.md', card)
         built = sorted(p.name for p in staging.iterdir())
         if built != sorted(PUBLISHED_FILES):
@@ -322,9 +358,9 @@ def publish(checkpoint: str, model_name: str, out: str, repo_id: Optional[str] =
         claim.commit(PUBLISHED_FILES)
 
     summary = dict(out=str(folder.path.resolve()), weights=ckpt.describe(weights), max_logit_diff=diff,
-                   weights_sha256=weights_sha256, stats=stats, result=result)
+                   weights_sha256=weights_sha256, stats=stats, result=result, evaluation=evaluation)
     if tag:  # a releases.json entry for the tag makes pretrained=True build the default architecture
-        summary['tag_mismatch'] = tag_rebuilds_model(source, architecture, config['pretrained_cfg']['input_size'],
+        summary['tag_mismatch'] = tag_rebuilds_model(source, model_name, config['pretrained_cfg']['input_size'],
                                                      atol=atol)
     if repo_id:
         commit = upload_folder(folder.path, repo_id, revision=revision, force=force)
@@ -363,6 +399,14 @@ def _parser() -> ArgumentParser:
     parser.add_argument('--bench-device', type=device_arg, default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--atol', type=float_range(0), default=1e-5,
                         help='max abs logit difference when verifying (>= 0)')
+    parser.add_argument('--dataset', default=None, metavar='NAME',
+                        help="evaluate the published weights on this dataset's evaluation split for the card, as "
+                             "validate.py does (train.py names: torch/fashion_mnist, torch/cifar10, ...; on "
+                             "--bench-device)")
+    parser.add_argument('--data-dir', default=None, metavar='DIR',
+                        help='where --dataset lies (alone: an image folder with a validation/ split)')
+    parser.add_argument('-j', '--workers', type=int_range(0), default=2, metavar='N',
+                        help='data loading workers for --dataset (default: 2)')
     return parser
 
 
@@ -372,7 +416,12 @@ def _publish(argv: Sequence[str]) -> None:
         args.checkpoint, args.model, args.out, repo_id=args.repo_id, results=args.results,
         twin_results=args.twin_results, force=args.force, revision=args.revision, use_ema=args.use_ema,
         card_template=args.card_template, benchmark=not args.no_benchmark, bench_device=args.bench_device,
-        card_license=args.license, atol=args.atol)
+        card_license=args.license, atol=args.atol, eval_dataset=args.dataset, eval_data_dir=args.data_dir,
+        workers=args.workers)
+    evaluation = summary.get('evaluation')
+    if evaluation:
+        print(f"Evaluated the published weights on {evaluation['dataset']}/{evaluation['split']} "
+              f"({evaluation['num_samples']} images): top-1 {evaluation['top1']:.2f}%, top-5 {evaluation['top5']:.2f}%")
     print(f"Published {summary['weights']} to {summary['out']} ({', '.join(PUBLISHED_FILES)}; verified: max "
           f"|logit diff| {summary['max_logit_diff']:.2g}; model.safetensors sha256 {summary['weights_sha256']})")
     if summary.get('tag_mismatch'):

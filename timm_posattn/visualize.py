@@ -9,6 +9,10 @@ kwargs come from it; its EMA weights when it has them), and published folders ha
     python -m timm_posattn.visualize vit_posattn_tiny_patch4_32 --checkpoint weights.safetensors
     python -m timm_posattn.visualize hf-hub:timm-posattn/vit_posattn_small_patch4_32.cifar10 --out attn.png
     python -m timm_posattn.visualize local-dir:/path/to/exported_model --query 0 27 63 --blocks 0 6
+
+With ``--distance`` it plots instead the mean attention distance of every block and head against a uniform row's,
+for the model and a ``--twin`` (its standard twin, averaged over a dataset's images), and writes the numbers as JSON
+(`timm_posattn.distance`).
 """
 import argparse
 import os
@@ -21,6 +25,7 @@ from timm.layers import to_2tuple
 
 import timm_posattn  # noqa: F401  (registers the vit_posattn_* models with timm)
 from timm_posattn.cli import ArgumentParser, ParseKwargs, UsageError, int_range, run_command
+from timm_posattn.distance import add_distance_arguments, check_distance_arguments, visualize_distance
 from timm_posattn.files import atomic_write
 from timm_posattn.loading import NonFiniteWeightsError, add_ema_arguments, load_model, open_model
 from timm_posattn.outputs import OutputFolder
@@ -168,7 +173,8 @@ def _parser() -> ArgumentParser:
     parser.add_argument('--checkpoint', default=None, help='weights for a model name (safetensors or checkpoint)')
     parser.add_argument('--pretrained', action='store_true', help='load the published weights of a model name')
     add_ema_arguments(parser)
-    parser.add_argument('--out', default='attention.png', help='output PNG (default: attention.png)')
+    parser.add_argument('--out', default=None,
+                        help='output PNG (default: attention.png; with --distance: distance.png, and its .json)')
     parser.add_argument('--overwrite', action='store_true', help='replace an existing --out file')
     parser.add_argument('--query', nargs='+', type=_parse_query, default=None,
                         help='query patches: indices (row-major) or row,col pairs (default: the centre patch)')
@@ -177,12 +183,19 @@ def _parser() -> ArgumentParser:
     parser.add_argument('--img-size', type=int_range(1), default=None, help='plot the maps for another input size')
     parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
                         help="model kwargs over the checkpoint's, e.g. pos_attn_layers=3")
+    add_distance_arguments(parser)
     return parser
 
 
 def _visualize(argv: Sequence[str]) -> None:
     args = _parser().parse_args(argv)
-    out = os.path.abspath(args.out)
+    check_distance_arguments(args)
+    if args.distance:
+        args.out = args.out or 'distance.png'
+        for path in visualize_distance(args):
+            print(f'wrote {path}')
+        return
+    out = os.path.abspath(args.out or 'attention.png')
     folder = OutputFolder(os.path.dirname(out), [os.path.basename(out)], overwrite=args.overwrite,
                           command='visualize').check()  # before loading anything
     loaded = open_model(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained or None,

@@ -662,6 +662,7 @@ default_cfgs = generate_default_cfgs({
     'vit_posattn_small_patch4_32.svhn': _cfg_dataset('vit_posattn_small_patch4_32.svhn'),
     'vit_posattn_tiny_patch4_32.cifar10': _cfg_dataset('vit_posattn_tiny_patch4_32.cifar10'),
     'vit_posattn_tiny_patch4_32.structured': _cfg_dataset('vit_posattn_tiny_patch4_32.structured'),
+    'vit_posattn_tiny_patch4_32.fashion_mnist': _cfg_dataset('vit_posattn_tiny_patch4_32.fashion_mnist'),
 })
 
 
@@ -689,14 +690,16 @@ def vit_posattn_base_patch16_224(pretrained: bool = False, **kwargs) -> VisionTr
 @register_model
 def vit_posattn_small_patch4_32(pretrained: bool = False, **kwargs) -> VisionTransformerPosAttn:
     """ The paper's small-image model: 32x32 input, 4x4 patches, 7 blocks, 12 heads, width 384, MLP width 384 """
-    model_args = dict(img_size=32, patch_size=4, embed_dim=384, depth=7, num_heads=12, mlp_ratio=1.)
+    # no img_size here: the tag's cfg gives it (fixed_input_size: timm passes its input_size as img_size and in_chans)
+    model_args = dict(patch_size=4, embed_dim=384, depth=7, num_heads=12, mlp_ratio=1.)
     return _create_vit_posattn('vit_posattn_small_patch4_32', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def vit_posattn_tiny_patch4_32(pretrained: bool = False, **kwargs) -> VisionTransformerPosAttn:
-    """ The paper's small-image model at width 192 (MLP width 192), for quick CPU runs """
-    model_args = dict(img_size=32, patch_size=4, embed_dim=192, depth=7, num_heads=12, mlp_ratio=1.)
+    """ The paper's small-image model at width 192 (MLP width 192), for quick CPU runs; `.fashion_mnist`: 1x28x28 """
+    # no img_size here: the tag's cfg gives it (3x32x32, or 1x28x28 for `.fashion_mnist`), as timm does for its ViTs
+    model_args = dict(patch_size=4, embed_dim=192, depth=7, num_heads=12, mlp_ratio=1.)
     return _create_vit_posattn('vit_posattn_tiny_patch4_32', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
