@@ -373,11 +373,12 @@ def _check_sizes_against_weights(args: Mapping[str, Any], shapes: Mapping[str, T
     if 'embed_dim' in args and width is not None and args['embed_dim'] != width:
         raise LoadError(f"{origin}: model_args.embed_dim is {args['embed_dim']}, but the weights are {width} wide")
     tokens = shapes.get('pos_embed', (0, 0))[1] if len(shapes.get('pos_embed', ())) == 3 else None
-    if tokens and args.get('img_size') is not None and args.get('patch_size') is not None \
-            and not args.get('dynamic_img_size'):
-        (h, w), (ph, pw) = _pair(args['img_size']), _pair(args['patch_size'])
+    kernel = shapes.get('patch_embed.proj.weight', ())
+    patch = args.get('patch_size') or (tuple(kernel[-2:]) if len(kernel) == 4 else None)
+    if tokens and args.get('img_size') is not None and patch is not None and not args.get('dynamic_img_size'):
+        (h, w), (ph, pw) = _pair(args['img_size']), _pair(patch)
         if (h // ph) * (w // pw) > tokens:
-            raise LoadError(f"{origin}: model_args img_size {args['img_size']} with patch_size {args['patch_size']} "
+            raise LoadError(f"{origin}: model_args img_size {args['img_size']} with {ph}x{pw} patches "
                             f"gives {(h // ph) * (w // pw)} patches, but the weights' position table has {tokens} "
                             f"positions")
 

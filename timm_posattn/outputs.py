@@ -139,8 +139,8 @@ class OutputFolder:
             ancestor = ancestor.parent
         if not ancestor.is_dir():
             raise OutputError(f"output folder '{self.path}' cannot be created: '{ancestor}' is a file")
-        if not os.access(ancestor, os.W_OK | os.X_OK):
-            why = 'is read-only' if _read_only(ancestor) else 'is not writable by this user'
+        why = why_unwritable(ancestor)
+        if why:
             raise OutputError(f"cannot write into '{self.path}': '{ancestor}' {why}; choose another folder")
 
     def _refuse_existing(self, listed: Sequence[str] = ()) -> None:
@@ -188,11 +188,14 @@ def _default_key(command: str) -> str:
     return re.sub(r'[^A-Za-z0-9]+', '-', name).strip('-') or 'output'
 
 
-def _read_only(path: Path) -> bool:
+def why_unwritable(folder: Path) -> Optional[str]:
+    """Why files cannot be created in an existing folder (None: they can)."""
     try:
-        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+        if os.statvfs(folder).f_flag & os.ST_RDONLY:
+            return 'is on a read-only file system'
     except OSError:
-        return False
+        pass
+    return None if os.access(folder, os.W_OK | os.X_OK) else 'is not writable by this user'
 
 
 def _listed(folder: Path, key: str) -> List[str]:
@@ -437,9 +440,9 @@ class FolderClaim:
         self.manifest['journal'] = {'staging': self.staging.name, 'files': list(self._staged), 'remove': previous}
         self.manifest['files'] = sorted(set(self.manifest['files']) | set(self._staged) | set(previous))
         self._save_manifest()  # the commit point: from here on the new set is the folder's
+        staged, self._staged, self._staging_used = self._staged, [], False  # the journal owns the staging folder now
         _finish_commit(self.path, self.key, self.manifest)
         self.manifest = read_manifest(self.path, self.key) or self.manifest
-        staged, self._staged, self._staging_used = self._staged, [], False
         return [str(self.path / name) for name in staged]
 
 
@@ -484,7 +487,7 @@ def finish_interrupted_commits(folder: Union[str, Path]) -> List[str]:
         if not (manifest or {}).get('journal'):
             continue
         command = manifest.get('command', key)
-        if not os.access(folder, os.W_OK):
+        if why_unwritable(folder):
             raise OutputError(f"'{folder}' holds a set of files that {command} was switching in when it was "
                               f"stopped, and the folder is not writable to finish it; run {command} again there")
         with OutputFolder(folder, (), overwrite=True, command=command, key=key).claim(resume=True):
