@@ -49,7 +49,7 @@ from timm_posattn.cli import (
 from timm_posattn.data import create_dataset, is_structured
 from timm_posattn.dataset_info import get_dataset_info
 from timm_posattn.loading import (
-    LoadError, LoadedModel, TrainCheckpoint, load_model, load_weights, open_model, parse_source, plain_args,
+    LoadError, LoadedModel, TrainCheckpoint, load_model, load_weights, parse_source, plain_args,
     read_checkpoint, require_registered, same_kwarg_value, set_preprocessing,
 )
 from timm_posattn.run_folder import (
@@ -927,12 +927,12 @@ def refused_model_kwargs(name: str, kwargs: Dict[str, Any]) -> Optional[Tuple[Li
     return alone or list(kwargs), failure
 
 
-def build_model(args: argparse.Namespace, initial: Optional[TrainCheckpoint] = None) -> nn.Module:
+def create_student(args: argparse.Namespace, initial: Optional[TrainCheckpoint] = None) -> nn.Module:
     """The model through `timm_posattn.loading` (pretrained weights verified), with --initial-checkpoint's weights
     (adapted to another resolution or a standard ViT's attention where needed, logged)."""
     kwargs = model_create_kwargs(args)
     try:
-        model = load_model(args.model, pretrained=args.pretrained, **kwargs)
+        model = load_model(args.model, pretrained=args.pretrained, **kwargs).model
     except (LoadError, RuntimeError) as e:
         refused = refused_model_kwargs(args.model, kwargs)
         if refused is None:
@@ -957,7 +957,7 @@ def load_teacher(args: argparse.Namespace) -> LoadedModel:
         if not timm.list_pretrained(name if split_model_name_tag(name)[1] else f'{name}.*'):
             raise UsageError(f'--kd-model-name {name}: timm has no pretrained weights for this model, and a teacher '
                              f'needs trained weights: give a train.py checkpoint, hf-hub:ORG/REPO or local-dir:DIR')
-    return open_model(args.kd_model_name, pretrained=True if kind is None else None)
+    return load_model(args.kd_model_name, pretrained=True if kind is None else None)
 
 
 def check_teacher_classes(args: argparse.Namespace, teacher: nn.Module) -> None:
@@ -1093,7 +1093,7 @@ def train_and_evaluate(args: argparse.Namespace, run: RunFolder, device: torch.d
                          f'their labels would be out of range')
     if resume is not None:
         check_resume_model(resume, args)
-    model = build_model(args, initial)
+    model = create_student(args, initial)
     if teacher_source is not None:
         check_teacher_classes(args, teacher_source.model)
     if args.grad_checkpointing:

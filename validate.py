@@ -34,7 +34,7 @@ from timm_posattn.data import DatasetError
 from timm_posattn.evaluation import (
     DATA_KEYS, evaluate_dataset, open_eval_dataset, resolve_data, resolve_preprocessing,
 )
-from timm_posattn.loading import LoadedModel, add_ema_arguments, open_model
+from timm_posattn.loading import LoadedModel, add_ema_arguments, load_model
 from timm_posattn.outputs import OutputFolder
 
 _logger = logging.getLogger('validate')
@@ -108,7 +108,7 @@ def load_eval_model(args: argparse.Namespace) -> LoadedModel:
     if args.checkpoint is None and not args.model:
         raise UsageError('give --checkpoint (a train.py checkpoint) or --model (a timm model name, hf-hub:ORG/REPO, '
                          'local-dir:PATH or a checkpoint file)')
-    loaded = open_model(args.model or None, checkpoint=args.checkpoint, pretrained=args.pretrained or None,
+    loaded = load_model(args.model or None, checkpoint=args.checkpoint, pretrained=args.pretrained or None,
                         use_ema=args.use_ema, **overrides)
     if not loaded.trained:
         _logger.warning(f'{loaded.weights}: no --checkpoint or --pretrained, the accuracy is that of an untrained '

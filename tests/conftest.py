@@ -20,5 +20,5 @@ def no_model(monkeypatch):
 
     def refuse(*args, **kwargs):
         raise AssertionError('a model was built before the arguments were checked')
-    monkeypatch.setattr(train, 'build_model', refuse)
+    monkeypatch.setattr(train, 'create_student', refuse)
     monkeypatch.setattr(train.timm, 'create_model', refuse)

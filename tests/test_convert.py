@@ -158,7 +158,7 @@ def test_written_checkpoint_loads_with_the_same_logits(tmp_path, one_thread):
     model, report = convert_vit(str(path), _images(6), pos_attn_layer='tied', fit_steps=10)
     with convert.output_folder(str(tmp_path / 'out')).claim() as claim:
         convert.write_conversion(claim, model, report, convert.checkpoint_args(report))
-    loaded = load_model(str(tmp_path / 'out' / convert.CHECKPOINT_NAME)).eval()
+    loaded = load_model(str(tmp_path / 'out' / convert.CHECKPOINT_NAME)).model.eval()
     assert type(loaded.blocks[0].attn.pos_map).__name__ == 'TiedAttentionMap'
     images = _images(3, seed=1)
     with torch.no_grad():
@@ -181,7 +181,7 @@ def test_command_writes_checkpoint_report_and_plot(tmp_path, one_thread, capsys)
     assert json.loads((out / 'report.json').read_text()) == json.loads(json.dumps(report))
     assert (report['num_calibration_images'], report['num_holdout_images']) == (16, 4)
     assert set(report['top1']) == {'source', 'copy_only', 'fitted'}  # structured brings labels
-    loaded = load_model(str(out / 'converted.pth.tar'))
+    loaded = load_model(str(out / 'converted.pth.tar')).model
     args = read_checkpoint(out / 'converted.pth.tar').args  # the source checkpoint's normalization and data
     assert (args['mean'], args['std'], args['dataset'], args['data_seed']) == (
         pytest.approx(STRUCTURED_MEAN), pytest.approx(STRUCTURED_STD), 'structured', 0)

@@ -80,7 +80,7 @@ def test_checkpoint_model_reports_its_training_normalization(teacher):
     """A model rebuilt from a train.py checkpoint has the run's mean/std in its pretrained cfg (DistillationTeacher
     reads them from there), not its default tag's."""
     path, _, _ = teacher
-    cfg = load_model(path).pretrained_cfg
+    cfg = load_model(path).model.pretrained_cfg
     assert tuple(cfg['mean']) == STRUCTURED_MEAN and tuple(cfg['std']) == pytest.approx(STRUCTURED_STD)
     assert cfg['crop_pct'] == 1.0 and cfg['interpolation'] == 'nearest'
 
@@ -109,10 +109,10 @@ def test_distillation_makes_the_student_follow_the_teacher(teacher, distilled):
     student agrees with it at chance."""
     _, _, swapped = teacher
     run_dir, result = distilled
-    teacher_pred, labels = predictions(load_model(swapped))
-    student_pred, _ = predictions(load_model(run_dir / 'last.pth.tar'))
+    teacher_pred, labels = predictions(load_model(swapped).model)
+    student_pred, _ = predictions(load_model(run_dir / 'last.pth.tar').model)
     untrained_pred, _ = predictions(load_model('vit_posattn_tiny_patch4_32', depth=1, embed_dim=24, num_heads=2,
-                                               global_pool='avg', num_classes=2))
+                                               global_pool='avg', num_classes=2).model)
     agreement = (student_pred == teacher_pred).float().mean().item()
     assert agreement > 0.8, agreement
     assert agreement > (untrained_pred == teacher_pred).float().mean().item() + 0.2
@@ -136,7 +136,7 @@ def test_feature_distillation_saves_the_student_and_its_projection(teacher, tmp_
              '--kd-distill-type', 'feature', '--model-ema', '--model-ema-decay', '0.9',
              '--model-kwargs', 'depth=1', 'embed_dim=32', 'num_heads=2', *SMALL_DATA, *TINY)
     ckpt = torch.load(tmp_path / 'feature' / 'last.pth.tar', map_location='cpu', weights_only=True)
-    student = load_model(tmp_path / 'feature' / 'last.pth.tar')
+    student = load_model(tmp_path / 'feature' / 'last.pth.tar').model
     assert set(ckpt['state_dict']) == set(ckpt['state_dict_ema']) == set(student.state_dict())
     assert ckpt['task_state']['projection']['weight'].shape == (24, 32)
     assert 'projection' in ckpt['task_state_ema']
@@ -221,7 +221,7 @@ def test_distillation_arguments_are_checked_before_building(argv, expected, tmp_
 
 
 def _untrained_checkpoint(path, **model_kwargs):
-    model = load_model('vit_posattn_tiny_patch4_32', depth=1, embed_dim=24, num_heads=2, **model_kwargs)
+    model = load_model('vit_posattn_tiny_patch4_32', depth=1, embed_dim=24, num_heads=2, **model_kwargs).model
     torch.save(make_checkpoint(arch='vit_posattn_tiny_patch4_32', epoch=0, state_dict=model.state_dict(),
                                args={'model_kwargs': dict(depth=1, embed_dim=24, num_heads=2, **model_kwargs)}), path)
     return path

@@ -256,11 +256,11 @@ def test_distance_figure_and_numbers(data, runs, tmp_path, capsys, twin):
     assert (report['dataset'], report['split']) == ('torch/fashion_mnist', 'test')
     model_entry, twin_entry = report['models']
     uniform = _naive_distance(torch.full((1, 50, 50), 1 / 50), (7, 7))[0]
-    positional = load_model(str(pos_ckpt)).eval()
+    positional = load_model(str(pos_ckpt)).model.eval()
     expected = _naive_distance(positional.get_attention_maps()[0], (7, 7))
     assert model_entry['blocks'][0]['heads'] == pytest.approx(expected, abs=1e-5)
     assert model_entry['images'] == 0 and model_entry['positional_blocks'] == [0, 1]
-    standard = load_model(str(twin_ckpt)).eval()
+    standard = load_model(str(twin_ckpt)).model.eval()
     by_hand = _average_attention_by_hand(standard, _test_images())
     for block, attn in enumerate(by_hand):
         assert twin_entry['blocks'][block]['heads'] == pytest.approx(_naive_distance(attn, (7, 7)), abs=1e-4)

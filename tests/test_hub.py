@@ -27,6 +27,7 @@ import timm_posattn  # noqa: F401  registers vit_posattn_*
 from timm_posattn import loading, model_card, publish, releases
 from timm_posattn.cli import UsageError
 from timm_posattn.outputs import LOCK_NAME, manifest_name
+from timm_posattn.published import WeightsFileError, check_safetensors, sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -137,7 +138,7 @@ def test_config_json_has_timm_fields(published, source_model):
     assert not {'hf_hub_id', 'url', 'file', 'source'} & set(pcfg), 'source locations must not be exported'
     info = cfg['timm_posattn']
     assert info['weights'] == 'state_dict_ema' and info['epoch'] == CKPT_EPOCH
-    assert info['weights_sha256'] == loading.sha256_file(out / 'model.safetensors') == summary['weights_sha256']
+    assert info['weights_sha256'] == sha256_file(out / 'model.safetensors') == summary['weights_sha256']
 
 
 def _front_matter(text: str):
@@ -206,7 +207,7 @@ def test_hf_hub_name_loads_from_cache_offline(hf_cache, source_model):
     torch.testing.assert_close(_logits(model), expected, rtol=0, atol=1e-6)
     assert model.pretrained_cfg['label_names'] == ('-1', '+1') or list(model.pretrained_cfg['label_names']) == [
         '-1', '+1']
-    torch.testing.assert_close(_logits(loading.load_model(f'hf-hub:{REPO_ID}')), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(_logits(loading.load_model(f'hf-hub:{REPO_ID}').model), expected, rtol=0, atol=1e-6)
 
 
 def test_registered_tag_pretrained_downloads_through_hf_hub_id(hf_cache, source_model):
@@ -214,7 +215,7 @@ def test_registered_tag_pretrained_downloads_through_hf_hub_id(hf_cache, source_
     kwargs = dict(pretrained_cfg_overlay=overlay, **MODEL_KWARGS)  # the tag's own class count (2) must be used
     model = timm.create_model(f'{MODEL}.structured', pretrained=True, **kwargs)
     torch.testing.assert_close(_logits(model), _logits(source_model), rtol=0, atol=1e-6)
-    model = loading.load_model(f'{MODEL}.structured', pretrained=True, **kwargs)
+    model = loading.load_model(f'{MODEL}.structured', pretrained=True, **kwargs).model
     torch.testing.assert_close(_logits(model), _logits(source_model), rtol=0, atol=1e-6)
 
 
@@ -227,7 +228,7 @@ def test_corrupted_blob_in_hf_cache_gives_clear_error(hf_cache):
     data = bytearray(blob.read_bytes())
     data[-10] ^= 0xFF  # a bit flip inside tensor data: structurally valid, checksum wrong
     blob.write_bytes(bytes(data))
-    with pytest.raises(loading.WeightsFileError, match='sha256'):
+    with pytest.raises(WeightsFileError, match='sha256'):
         loading.load_model(f'hf-hub:{REPO_ID}')
 
 
@@ -246,9 +247,9 @@ def folder_copy(published, tmp_path):
 def test_damaged_safetensors_variants(folder_copy, damage, message):
     weights = folder_copy / 'model.safetensors'
     weights.write_bytes(damage(weights.read_bytes()))
-    with pytest.raises(loading.WeightsFileError, match=message):
-        loading.check_safetensors(weights)
-    with pytest.raises(loading.WeightsFileError, match='damaged or incomplete'):
+    with pytest.raises(WeightsFileError, match=message):
+        check_safetensors(weights)
+    with pytest.raises(WeightsFileError, match='damaged or incomplete'):
         loading.load_model(folder_copy)  # a bare folder path works too
 
 
@@ -257,8 +258,8 @@ def test_bit_flip_caught_by_recorded_checksum(folder_copy):
     data = bytearray(weights.read_bytes())
     data[-3] ^= 0x01
     weights.write_bytes(bytes(data))
-    loading.check_safetensors(weights)  # structurally fine ...
-    with pytest.raises(loading.WeightsFileError, match='sha256'):
+    check_safetensors(weights)  # structurally fine ...
+    with pytest.raises(WeightsFileError, match='sha256'):
         loading.load_model(f'local-dir:{folder_copy}')  # ... but not the weights that were published
 
 
@@ -581,7 +582,7 @@ def test_no_ema_publishes_plain_weights_without_the_ema_accuracy(run_dir, tmp_pa
     assert summary['result'] is None  # summary.csv holds the EMA model's accuracy
     plain = _model()
     plain.load_state_dict(torch.load(ckpt, weights_only=True)['state_dict'])
-    loaded = loading.load_model(tmp_path / 'out')
+    loaded = loading.load_model(tmp_path / 'out').model
     torch.testing.assert_close(_logits(loaded), _logits(plain), rtol=0, atol=1e-6)
     assert json.loads((tmp_path / 'out' / 'config.json').read_text())['timm_posattn']['weights'] == 'state_dict'
 

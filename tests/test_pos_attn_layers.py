@@ -272,6 +272,6 @@ def test_checkpoint_says_which_layer_it_holds(layer, tmp_path):
     assert infer_pos_attn_layer(timm.create_model('vit_tiny_patch16_224', depth=1).state_dict()) is None
     path = tmp_path / 'ckpt.pth.tar'
     torch.save(loading.make_checkpoint(SMALL, 0, model.state_dict(), args={'model_kwargs': {'depth': 2}}), path)
-    loaded = loading.load_model(str(path))
+    loaded = loading.load_model(str(path)).model
     assert type(loaded.blocks[0].attn.pos_map) is type(model.blocks[0].attn.pos_map)
     torch.testing.assert_close(loaded.get_attention_maps(), model.get_attention_maps())

@@ -426,7 +426,7 @@ def test_PB2c_an_interrupted_publish_is_completed_by_the_next_load(trained, tmp_
                          '--no-benchmark', '--force'])
     monkeypatch.setattr(outputs.os, 'replace', real_replace)
     assert code == 130
-    model = load_model(f'local-dir:{folder}')  # completes the switch, then loads the whole new set
+    model = load_model(f'local-dir:{folder}').model  # completes the switch, then loads the whole new set
     assert 'epoch 0' in (folder / 'README.md').read_text() or '| 0 |' in (folder / 'README.md').read_text()
     cfg = json.loads((folder / 'config.json').read_text())
     assert cfg['timm_posattn']['epoch'] == 0 and cfg['timm_posattn']['config_sha256'] == config_digest(cfg)
@@ -510,7 +510,7 @@ def test_PB10_a_card_template_that_cannot_be_filled_is_refused_before_work(train
     base, _ = trained
     path = tmp_path / 'card.md'
     path.write_text(template)
-    monkeypatch.setattr(publish, 'build_model', lambda *a, **k: pytest.fail('work started before the check'))
+    monkeypatch.setattr(publish, 'model_from_checkpoint', lambda *a, **k: pytest.fail('work started before the check'))
     code = publish.main(['--checkpoint', str(base / 'model_best.pth.tar'), '--model', MODEL, '--out',
                          str(tmp_path / 'out'), '--card-template', str(path)])
     assert_one_line_error(code, capsys.readouterr().err, expected)

@@ -85,7 +85,7 @@ def test_structured_run_learns_and_writes_outputs(structured_run):
     # the reported association is that of the final (EMA) model against the hidden sets of the data it learned
     assoc = structured_run[3]['association']
     partition = create_dataset('structured', split='train', num_samples=1, data_seed=0).partition
-    expected = model_association(load_model(str(exp / 'last.pth.tar')), partition)
+    expected = model_association(load_model(str(exp / 'last.pth.tar')).model, partition)
     assert assoc['association'] == pytest.approx(expected['association']) and assoc['chance'] == pytest.approx(1 / 8)
     args = yaml.safe_load((exp / 'args.yaml').read_text())
     assert args['dataset'] == 'structured' and args['model'] == 'vit_posattn_tiny_patch4_32'

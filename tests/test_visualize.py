@@ -115,7 +115,7 @@ def main_job_checkpoint(tmp_path_factory):
 
 def test_main_job_checkpoint_alone_is_enough(main_job_checkpoint, tmp_path, capsys):
     path, ema_model = main_job_checkpoint
-    assert _same_attention(load_model(path), ema_model)  # EMA weights, depth=1 global_pool=avg from the checkpoint
+    assert _same_attention(load_model(path).model, ema_model)  # EMA weights, depth=1 global_pool=avg from the checkpoint
     out = tmp_path / 'plot.png'
     code, stdout, err = run_main(capsys, path, '--out', out, '--query', '0', '7,7')
     assert code == 0, err
@@ -134,7 +134,7 @@ def test_main_job_checkpoint_alone_is_enough(main_job_checkpoint, tmp_path, caps
 def test_load_from_safetensors_checkpoint(model, tmp_path, capsys):
     path = tmp_path / 'weights.safetensors'
     save_file(model.state_dict(), str(path))
-    loaded = load_model(ARCH, checkpoint=path, depth=2)
+    loaded = load_model(ARCH, checkpoint=path, depth=2).model
     assert loaded.num_classes == 2  # taken from the checkpoint's head
     assert _same_attention(model, loaded)
     code, _, err = run_main(capsys, path, '--out', tmp_path / 'a.png')

@@ -34,8 +34,9 @@ from timm.models.vision_transformer import Block
 from .attention_stats import AverageAttention, attention_distance, record_average_attention
 from .cli import ArgumentParser, UsageError, float_range, int_range, one_line, run_command
 from .layers import LogitsAttentionMap, PositionalBlock, list_pos_attn_layers
-from .loading import check_finite, load_model, make_checkpoint, read_checkpoint
+from .loading import load_model, make_checkpoint, read_checkpoint
 from .outputs import FolderClaim, OutputFolder
+from .published import check_finite
 from .vit_posattn import StandardBlock, VisionTransformerPosAttn, checkpoint_filter_fn, resolve_pos_attn_layers
 
 __all__ = [
@@ -389,7 +390,7 @@ def load_source(source: Union[str, os.PathLike], pretrained: Optional[bool] = No
     """The source model (eval mode) through `loading.load_model`, how its images are prepared, and the train.py
     arguments its checkpoint recorded (empty for names, hub repos and folders). Refuses a source it cannot mirror."""
     recorded = read_checkpoint(source).args if os.path.isfile(source) else {}
-    model = load_model(source, pretrained=pretrained).eval()
+    model = load_model(source, pretrained=pretrained).model.eval()
     twin_kwargs(model)
     return model, _source_data_config(model, recorded), recorded
 

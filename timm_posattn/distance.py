@@ -26,7 +26,7 @@ from .attention_stats import (
 from .cli import UsageError, device_arg, int_range
 from .data import random_subset
 from .evaluation import create_eval_loader, open_eval_dataset, resolve_data, resolve_preprocessing, split_name
-from .loading import LoadedModel, open_model
+from .loading import LoadedModel, load_model
 from .outputs import OutputFolder
 
 __all__ = ['DEFINITION', 'add_distance_arguments', 'check_distance_arguments', 'model_distances', 'distance_figure',
@@ -212,10 +212,10 @@ def visualize_distance(args: argparse.Namespace) -> List[str]:
     folder = OutputFolder(folder_path, [png, json_name], overwrite=args.overwrite,
                           command='visualize --distance').check()
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    models = [('model', args.model, open_model(args.model, checkpoint=args.checkpoint, use_ema=args.use_ema,
+    models = [('model', args.model, load_model(args.model, checkpoint=args.checkpoint, use_ema=args.use_ema,
                                                pretrained=args.pretrained or None, **args.model_kwargs))]
     if args.twin:
-        models.append(('twin', args.twin, open_model(args.twin, pretrained=args.twin_pretrained or None)))
+        models.append(('twin', args.twin, load_model(args.twin, pretrained=args.twin_pretrained or None)))
     for role, _, loaded in models:
         _check_vit(loaded, role)
         if not loaded.trained:

@@ -250,7 +250,7 @@ def main(argv: Optional[Sequence[str]] = None) -> ExportReport:
     require_export_packages(EXPORT_PACKAGES + (('onnxscript',) if args.dynamo else ()))
     try:
         model = load_model(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained or None,
-                           **args.model_kwargs)
+                           **args.model_kwargs).model
     except (TypeError, ValueError) as e:  # a model kwarg the architecture refuses (LoadErrors pass through)
         if isinstance(e, UsageError):
             raise

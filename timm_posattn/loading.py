@@ -1,18 +1,21 @@
 """One loading path: the train.py checkpoint format, and every way a command gets a model.
 
 Everything that reads weights goes through here: train.py (`--resume`, `--initial-checkpoint`, the distillation
-teacher), validate.py, visualize, publish and convert. This module owns
+teacher), validate.py, visualize, publish, convert and export. This module owns
 
   * the train.py checkpoint format (`make_checkpoint` writes it, `read_checkpoint` reads it): the architecture, the
-    model kwargs and data arguments of the run, plain and EMA weights, the epoch and the metric it was ranked by;
+    model kwargs and data arguments of the run, plain and EMA weights, the epoch, the metric it was ranked by and the
+    run it belongs to;
   * which weights a checkpoint stands for (`TrainCheckpoint.weights`): the EMA weights when the run kept them,
     because those are what it evaluated and ranked;
   * `load_model(source)`: a registered name (`name.tag` with `pretrained=True`), a train.py checkpoint or weights
-    file, `hf-hub:ORG/REPO[@rev]`, `local-dir:DIR` or a folder, with the sha256 recorded at publishing checked, a
-    clear error when `import timm_posattn` (or another plugin) is missing, and non-finite weights refused;
-    `open_model` is the same and also says which weights it loaded (what the commands print).
+    file, `hf-hub:ORG/REPO[@rev]`, `local-dir:DIR` or a folder, as a `LoadedModel` (the model and which weights it
+    holds). A published folder's config.json is checked before anything is built and its digests when the weights
+    are loaded (`timm_posattn.published`); a missing `import timm_posattn` (or other plugin) is named; non-finite
+    weights are refused. `model_from_checkpoint` rebuilds the model of a checkpoint already read.
 
-Every error a user can fix is a `LoadError` with a one-line message.
+Every error a user can fix is a `LoadError` with a one-line message; the model's refusal of a kwarg is turned into
+one in one place (`_create`).
 """
 import argparse
 import json
@@ -32,21 +35,16 @@ from timm.models import clean_state_dict, is_model, parse_model_name, resolve_pr
 from .cli import one_line
 from .outputs import finish_interrupted_commits
 from .published import (
-    RECORD_KEY, WEIGHTS_NAME, LoadError, NonFiniteWeightsError, WeightsFileError, check_finite, check_safetensors,
-    sha256_file, verify_config, verify_folder, verify_hub_repo, weights_file_timm_loads,
+    WEIGHTS_NAME, LoadError, WeightsFileError, check_finite, check_safetensors, verify_config, verify_folder, verify_hub_repo, weights_file_timm_loads,
 )
 
 __all__ = [
-    'LoadError', 'WeightsFileError', 'UnknownArchitectureError', 'NonFiniteWeightsError', 'TrainCheckpoint',
-    'WEIGHTS_NAME', 'PUBLISH_INFO_KEY', 'CHECKPOINT_VERSION', 'make_checkpoint', 'plain_args', 'read_checkpoint',
-    'checkpoint_model_kwargs', 'same_kwarg_value', 'check_finite', 'check_safetensors', 'sha256_file', 'read_model_config',
-    'require_registered', 'build_model', 'load_weights', 'LoadedModel', 'open_model', 'load_model',
-    'add_ema_arguments', 'parse_source', 'PREPROCESSING_KEYS', 'set_preprocessing',
+    'LoadError', 'TrainCheckpoint', 'LoadedModel', 'load_model', 'model_from_checkpoint', 'read_checkpoint',
+    'make_checkpoint', 'load_weights', 'add_ema_arguments', 'parse_source', 'require_registered', 'set_preprocessing',
 ]
 
 _logger = logging.getLogger(__name__)
 
-PUBLISH_INFO_KEY = RECORD_KEY  # config.json section written by publish (`timm_posattn.published`)
 CHECKPOINT_VERSION = 2  # timm's convention: version >= 2 stores the epoch that was completed
 _CHECKPOINT_SUFFIXES = ('.pth', '.pth.tar', '.pt', '.tar', '.bin', '.ckpt', '.safetensors')  # never a model name
 
@@ -554,7 +552,7 @@ def _training_preprocessing(ckpt: TrainCheckpoint, model: nn.Module) -> Dict[str
     return {k: data_config[k] for k in _RECORDED_PREPROCESSING if k in data_config}
 
 
-def build_model(ckpt: TrainCheckpoint, name: Optional[str] = None, use_ema: Optional[bool] = None, adapt: bool = False,
+def model_from_checkpoint(ckpt: TrainCheckpoint, name: Optional[str] = None, use_ema: Optional[bool] = None, adapt: bool = False,
                 **kwargs: Any) -> Tuple[nn.Module, str]:
     """Rebuild the model a checkpoint belongs to and load its weights; returns (model, which weights).
 
@@ -589,17 +587,28 @@ class LoadedModel:
     trained: bool = True  # False: freshly initialized (a registered name without pretrained or checkpoint)
 
 
-def open_model(
+def load_model(
         source: Optional[Union[str, Path]] = None,
         checkpoint: Optional[Union[str, Path]] = None,
         pretrained: Optional[bool] = None,
         use_ema: Optional[bool] = None,
         **kwargs: Any,
 ) -> LoadedModel:
-    """`load_model`, also saying which weights were loaded (and from which checkpoint); arguments as there.
+    """Any model a command is pointed at, weights verified, and what they are; `timm.create_model` underneath.
 
-    `source` may be left out when `checkpoint` records its architecture. An explicit choice that does not apply is
-    refused: `use_ema` without a train.py checkpoint, `pretrained=True` with one.
+    Args:
+        source: a registered name (`vit_posattn_small_patch4_32.cifar10`), `hf-hub:ORG/REPO[@rev]`, `local-dir:DIR`,
+            a folder, or a checkpoint / weights file (train.py checkpoints record their architecture); may be left
+            out when `checkpoint` records its architecture.
+        checkpoint: weights for a registered name (a train.py checkpoint, timm checkpoint or .safetensors file).
+        pretrained: load the source's own weights; default True for folders and hub repos (what they are for),
+            False for registered names (as in timm).
+        use_ema: for train.py checkpoints: None the EMA weights when present, True require them, False plain.
+        **kwargs: model kwargs (num_classes, img_size, ...), over those a checkpoint records.
+
+    Returns a `LoadedModel`: the model (`.model`) and which weights it holds (`.weights`, what commands print). An
+    explicit choice that does not apply is refused: `use_ema` without a train.py checkpoint, `pretrained=True` with
+    one.
     """
     if source is None:
         if checkpoint is None:
@@ -617,7 +626,8 @@ def open_model(
         if kind not in (None, 'file'):
             raise LoadError(f'{kind}:{model_id} brings its own weights: do not pass a checkpoint as well')
         ckpt = read_checkpoint(model_id if kind == 'file' else checkpoint)
-        model, which = build_model(ckpt, None if kind == 'file' else model_id, use_ema=use_ema, **kwargs)
+        model, which = model_from_checkpoint(ckpt, None if kind == 'file' else model_id, use_ema=use_ema,
+                                             **kwargs)
         return LoadedModel(model, ckpt.describe(which), checkpoint=ckpt)
     if use_ema is not None:
         raise LoadError(f'use_ema (--use-ema / --no-ema) chooses the weights of a train.py checkpoint, and {source} '
@@ -638,24 +648,3 @@ def open_model(
         return LoadedModel(model, f'the freshly initialized weights of {name}', trained=False)
     check_finite(model, name)
     return LoadedModel(model, f'the {"published" if kind else "pretrained"} weights of {name}', published=True)
-
-
-def load_model(
-        source: Union[str, Path],
-        checkpoint: Optional[Union[str, Path]] = None,
-        pretrained: Optional[bool] = None,
-        use_ema: Optional[bool] = None,
-        **kwargs: Any,
-) -> nn.Module:
-    """Any model a command is pointed at, weights verified; `timm.create_model` underneath.
-
-    Args:
-        source: a registered name (`vit_posattn_small_patch4_32.cifar10`), `hf-hub:ORG/REPO[@rev]`, `local-dir:DIR`,
-            a folder, or a checkpoint / weights file (train.py checkpoints record their architecture).
-        checkpoint: weights for a registered name (a train.py checkpoint, timm checkpoint or .safetensors file).
-        pretrained: load the source's own weights; default True for folders and hub repos (what they are for),
-            False for registered names (as in timm).
-        use_ema: for train.py checkpoints: None the EMA weights when present, True require them, False plain.
-        **kwargs: model kwargs (num_classes, img_size, ...), over those a checkpoint records.
-    """
-    return open_model(source, checkpoint=checkpoint, pretrained=pretrained, use_ema=use_ema, **kwargs).model

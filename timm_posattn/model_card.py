@@ -19,7 +19,8 @@ import yaml
 from .cli import UsageError
 from .dataset_info import get_dataset_info
 from .layers import get_pos_attn_layer, list_pos_attn_layers
-from .loading import WEIGHTS_NAME, TrainCheckpoint
+from .loading import TrainCheckpoint
+from .published import WEIGHTS_NAME
 
 __all__ = [
     'CARD_DIRS', 'CARD_FAMILIES', 'NOT_MEASURED', 'CardDataset', 'card_dataset', 'read_summary', 'select_result',

@@ -29,10 +29,7 @@ from timm.models import save_for_hf, split_model_name_tag
 from timm.utils import reparameterize_model
 
 from .cli import ArgumentParser, UsageError, device_arg, float_range, int_range, one_line, run_command
-from .loading import (
-    PUBLISH_INFO_KEY, WEIGHTS_NAME, add_ema_arguments, build_model, load_model, open_model, read_checkpoint,
-    require_registered,
-)
+from .loading import add_ema_arguments, load_model, model_from_checkpoint, read_checkpoint, require_registered
 from .flops import forward_gmacs
 from .machine import cpu_name
 from .evaluation import (
@@ -43,7 +40,7 @@ from .model_card import (
     render_model_card, select_result,
 )
 from .outputs import OutputFolder
-from .published import publish_record
+from .published import RECORD_KEY, WEIGHTS_NAME, publish_record
 
 _logger = logging.getLogger('timm_posattn.publish')
 
@@ -138,7 +135,7 @@ def export_folder(model: torch.nn.Module, folder: Path, data_config: Dict[str, A
 
 def verify_folder(folder: Path, source: torch.nn.Module, atol: float = 1e-5, seed: int = 0) -> float:
     """Load the folder back like a user would (sha256 checked) and compare logits with the source model."""
-    loaded = load_model(f'local-dir:{folder}').eval()
+    loaded = load_model(f'local-dir:{folder}').model.eval()
     input_size = loaded.pretrained_cfg['input_size']
     if loaded.num_classes != source.num_classes:
         raise VerificationError(f'the folder loaded back has {loaded.num_classes} classes, the source model '
@@ -272,7 +269,7 @@ def evaluate_published(folder: Path, data: Dict[str, Any], dataset: Any, device:
                        workers: int = 2) -> Dict[str, Any]:
     """Top-1/top-5 of the published folder (loaded back as a user would: `local-dir:`, sha256 checked, its own
     preprocessing from config.json) on an opened evaluation split; with the dataset name, split and image count."""
-    loaded = open_model(f'local-dir:{folder}')
+    loaded = load_model(f'local-dir:{folder}')
     data_config = resolve_preprocessing(loaded, data['dataset'], {})
     results = evaluate_dataset(loaded.model.to(device), dataset, data_config, batch_size=batch_size, workers=workers,
                                device=torch.device(device))
@@ -303,7 +300,7 @@ def publish(checkpoint: str, model_name: str, out: str, repo_id: Optional[str] =
     if repo_id:
         check_upload_allowed(repo_id, revision, force)  # fail before the work, not after it
     ckpt = read_checkpoint(checkpoint)
-    source, weights = build_model(ckpt, model_name, use_ema=use_ema)  # refuses non-finite weights
+    source, weights = model_from_checkpoint(ckpt, model_name, use_ema=use_ema)  # refuses non-finite weights
     source.eval()
     eval_data = None
     if eval_dataset is not None or eval_data_dir is not None:
@@ -319,7 +316,7 @@ def publish(checkpoint: str, model_name: str, out: str, repo_id: Optional[str] =
     twin = select_result(twin_rows, None, like=(result, rows)) if twin_rows else None
     dataset = card_dataset(ckpt.args.get('dataset'), source.num_classes, tag)
 
-    model_config: Dict[str, Any] = {PUBLISH_INFO_KEY: dict(
+    model_config: Dict[str, Any] = {RECORD_KEY: dict(
         timm_posattn_version=_package_version(), source_checkpoint=Path(ckpt.path).name, weights=weights,
         epoch=ckpt.epoch)}
     # what the weights are, not what the source model's default tag was
@@ -337,8 +334,8 @@ def publish(checkpoint: str, model_name: str, out: str, repo_id: Optional[str] =
         staging = claim.staging_folder()
         export_folder(source, staging, data_config_from_args(ckpt.args), model_config, ckpt.model_kwargs)
         config = json.loads((staging / 'config.json').read_text())
-        config[PUBLISH_INFO_KEY].update(publish_record(config, staging / WEIGHTS_NAME))
-        weights_sha256 = config[PUBLISH_INFO_KEY]['weights_sha256']
+        config[RECORD_KEY].update(publish_record(config, staging / WEIGHTS_NAME))
+        weights_sha256 = config[RECORD_KEY]['weights_sha256']
         claim.stage_text('config.json', json.dumps(config, indent=2))
 
         diff = verify_folder(staging, source, atol=atol)

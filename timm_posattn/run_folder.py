@@ -28,10 +28,10 @@ from timm.task import TrainingTask, resume_task_checkpoint
 from .cli import UsageError, one_line
 from .files import atomic_write
 from .loading import (
-    LoadError, TrainCheckpoint, check_finite, checkpoint_model_kwargs, make_checkpoint, plain_args, read_checkpoint,
-    same_kwarg_value,
+    LoadError, TrainCheckpoint, checkpoint_model_kwargs, make_checkpoint, plain_args, read_checkpoint, same_kwarg_value,
 )
 from .outputs import FolderClaim, OutputError, OutputFolder
+from .published import check_finite
 
 __all__ = [
     'OWNED_FILES', 'DEFAULT_OUTPUT', 'RunFolder', 'AtomicCheckpointSaver', 'Progress', 'resolve_run_folder',

@@ -27,8 +27,9 @@ import timm_posattn  # noqa: F401  (registers the vit_posattn_* models with timm
 from timm_posattn.cli import ArgumentParser, ParseKwargs, UsageError, int_range, run_command
 from timm_posattn.distance import add_distance_arguments, check_distance_arguments, visualize_distance
 from timm_posattn.files import atomic_write
-from timm_posattn.loading import NonFiniteWeightsError, add_ema_arguments, load_model, open_model
+from timm_posattn.loading import add_ema_arguments, load_model
 from timm_posattn.outputs import OutputFolder
+from timm_posattn.published import NonFiniteWeightsError
 
 __all__ = ['save_attention_plot', 'resolve_query_patches', 'main']
 
@@ -88,7 +89,7 @@ def save_attention_plot(
     from matplotlib.patches import Rectangle
 
     if isinstance(model, str):
-        model = load_model(model)
+        model = load_model(model).model
     if not hasattr(model, 'get_attention_maps'):
         raise UsageError(f'expected a model with positional attention (get_attention_maps(), the vit_posattn_* '
                          f'models), got {type(model).__name__}')
@@ -198,7 +199,7 @@ def _visualize(argv: Sequence[str]) -> None:
     out = os.path.abspath(args.out or 'attention.png')
     folder = OutputFolder(os.path.dirname(out), [os.path.basename(out)], overwrite=args.overwrite,
                           command='visualize').check()  # before loading anything
-    loaded = open_model(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained or None,
+    loaded = load_model(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained or None,
                         use_ema=args.use_ema, **args.model_kwargs)
     if not loaded.trained:
         print(f'note: {loaded.weights} (no --checkpoint or --pretrained): the plot shows the attention at '
