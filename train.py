@@ -24,7 +24,7 @@ import time
 from collections import OrderedDict
 from contextlib import suppress
 from functools import partial
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -49,7 +49,7 @@ from timm_posattn.cli import (
 from timm_posattn.data import create_dataset, is_structured
 from timm_posattn.dataset_info import get_dataset_info
 from timm_posattn.loading import (
-    LoadError, LoadedModel, TrainCheckpoint, load_model, load_weights, parse_source, plain_args,
+    LoadedModel, ModelKwargsError, TrainCheckpoint, load_model, load_weights, parse_source, plain_args,
     read_checkpoint, require_registered, same_kwarg_value, set_preprocessing,
 )
 from timm_posattn.run_folder import (
@@ -905,41 +905,15 @@ def model_create_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     return kwargs
 
 
-def _build_error(name: str, kwargs: Dict[str, Any]) -> Optional[Exception]:
-    """Why the model cannot be built with ``kwargs`` (None if it can); on the meta device, so a probe costs little."""
-    try:
-        with torch.device('meta'):
-            timm.create_model(name, pretrained=False, **kwargs)
-    except Exception as e:  # a probe: whatever stops the build
-        return e
-    return None
-
-
-def refused_model_kwargs(name: str, kwargs: Dict[str, Any]) -> Optional[Tuple[List[str], Exception]]:
-    """The kwargs the model refuses (those that fail alone, else all of them together) and the build's error.
-
-    None when the kwargs are not to blame (the model builds with them, or fails without any).
-    """
-    failure = _build_error(name, kwargs)
-    if failure is None or _build_error(name, {}) is not None:
-        return None
-    alone = [key for key, value in kwargs.items() if _build_error(name, {key: value}) is not None]
-    return alone or list(kwargs), failure
-
-
 def create_student(args: argparse.Namespace, initial: Optional[TrainCheckpoint] = None) -> nn.Module:
     """The model through `timm_posattn.loading` (pretrained weights verified), with --initial-checkpoint's weights
     (adapted to another resolution or a standard ViT's attention where needed, logged)."""
     kwargs = model_create_kwargs(args)
     try:
         model = load_model(args.model, pretrained=args.pretrained, **kwargs).model
-    except (LoadError, RuntimeError) as e:
-        refused = refused_model_kwargs(args.model, kwargs)
-        if refused is None:
-            raise
-        names, failure = refused
-        given = ', '.join(_given(args, k, kwargs[k]) for k in names)
-        raise UsageError(f'{args.model} refuses {given}: {" ".join(str(failure).split())}') from e
+    except ModelKwargsError as e:  # named as the user gave them: --gp, --num-classes, --model-kwargs ...
+        given = ', '.join(_given(args, k, kwargs[k]) for k in e.refused)
+        raise UsageError(f'{args.model} refuses {given}: {e.reason}') from None
     if initial is not None:
         which = load_weights(model, initial, adapt=True)
         _logger.info(f"Initialized from --initial-checkpoint '{initial.path}' ({which})")

@@ -25,7 +25,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -470,23 +470,62 @@ def parse_source(source: Union[str, Path]) -> Tuple[Optional[str], str]:
         raise LoadError(one_line(e)) from None
 
 
+class ModelKwargsError(LoadError):
+    """The model refuses some of the kwargs it was given (an unknown name, a value out of its range)."""
+
+    def __init__(self, message: str, refused: List[str], reason: str) -> None:
+        super().__init__(message)
+        self.refused, self.reason = refused, reason
+
+
+# create_model arguments that say where weights come from, not what the model is (left out of the kwargs probe)
+_SOURCE_KWARGS = ('pretrained', 'pretrained_cfg', 'pretrained_cfg_overlay', 'checkpoint_path', 'cache_dir')
+
+
+def _fails(name: str, kwargs: Mapping[str, Any]) -> bool:
+    """Whether the model cannot be built with ``kwargs``; on the meta device, so a probe costs little."""
+    try:
+        with torch.device('meta'):
+            timm.create_model(name, pretrained=False, **kwargs)
+    except Exception:  # a probe: whatever stops the build
+        return True
+    return False
+
+
+def _refused_kwargs(name: str, kwargs: Mapping[str, Any]) -> List[str]:
+    """The kwargs a failed build is to blame on: those that fail alone, else all of them together; none when the
+    model fails without any (the kwargs are not the reason)."""
+    model_kwargs = {k: v for k, v in kwargs.items() if k not in _SOURCE_KWARGS}
+    if not model_kwargs or _fails(name, {}):
+        return []
+    alone = [k for k, v in model_kwargs.items() if _fails(name, {k: v})]
+    return alone or list(model_kwargs)
+
+
 def _create(name: str, origin: str, **kwargs: Any) -> nn.Module:
-    """timm.create_model, with the errors a user can fix (a kwarg the model does not take, a value it refuses, a
-    pretrained tag without weights) turned into one line."""
+    """timm.create_model, with the errors a user can fix turned into one line: the one place where a model's refusal
+    of a kwarg (an unknown name, a value it refuses) is named (`ModelKwargsError`), and where a pretrained tag without
+    weights or weights that do not load are said so."""
     try:
         return timm.create_model(name, **kwargs)
     except LoadError:
         raise
-    except (TypeError, ValueError, AssertionError) as e:
+    except (TypeError, ValueError, AssertionError, RuntimeError) as e:
+        if isinstance(e, RuntimeError):
+            if type(e).__name__ == 'SafetensorError' or 'Error(s) in loading state_dict' in str(e):
+                raise WeightsFileError(f'loading the weights of {name} ({origin}) failed: '
+                                       f'{one_line(e)[:300]}') from None
+            if 'No pretrained weights exist' in str(e) or 'Invalid pretrained tag' in str(e):
+                raise LoadError(f'{name}: {one_line(e)}') from None
+        refused = _refused_kwargs(name, kwargs)
+        if refused:
+            reason = one_line(e)
+            given = ', '.join(f'{k}={kwargs[k]!r}' for k in refused)
+            raise ModelKwargsError(f'{name} ({origin}) refuses {given}: {reason}', refused, reason) from None
+        if isinstance(e, RuntimeError):
+            raise
         raise LoadError(f'could not build {name} ({origin}) with {kwargs or "its defaults"}: '
                         f'{one_line(e)}') from None
-    except RuntimeError as e:
-        if type(e).__name__ == 'SafetensorError' or 'Error(s) in loading state_dict' in str(e):
-            raise WeightsFileError(f'loading the weights of {name} ({origin}) failed: '
-                                   f'{one_line(e)[:300]}') from None
-        if 'No pretrained weights exist' in str(e) or 'Invalid pretrained tag' in str(e):
-            raise LoadError(f'{name}: {one_line(e)}') from None
-        raise
 
 
 def load_weights(model: nn.Module, checkpoint: Union[str, TrainCheckpoint], use_ema: Optional[bool] = None,

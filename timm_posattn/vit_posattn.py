@@ -24,7 +24,6 @@ attention everywhere: the standard twin), the first k, or a list of indices.
 import inspect
 import logging
 import math
-import re
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Type, Union
 
 import torch
@@ -599,26 +598,25 @@ def checkpoint_filter_fn(
     return out_dict
 
 
-_UNEXPECTED_KWARG = re.compile(r"unexpected keyword argument '(\w+)'")
+# what build_model_with_cfg takes besides the model's own arguments
+_FACTORY_KWARGS = {'pretrained_cfg', 'pretrained_cfg_overlay', 'pretrained_strict', 'pretrained_model_args',
+                   'cache_dir', 'features_only', 'feature_cls', 'feature_cfg', 'pruned', 'kwargs_filter'}
 
 
 def _create_vit_posattn(variant: str, pretrained: bool = False, **kwargs) -> VisionTransformerPosAttn:
     out_indices = kwargs.pop('out_indices', 3)
-    try:
-        return build_model_with_cfg(
-            VisionTransformerPosAttn,
-            variant,
-            pretrained,
-            pretrained_filter_fn=checkpoint_filter_fn,
-            feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-            **kwargs,
-        )
-    except TypeError as e:  # a typo in a model kwarg must not pass silently, nor end in a bare TypeError
-        match = _UNEXPECTED_KWARG.search(str(e))
-        if match is None or 'VisionTransformerPosAttn' not in str(e):
-            raise
-        accepted = sorted(set(inspect.signature(VisionTransformerPosAttn.__init__).parameters) - {'self'})
-        raise TypeError(f'Unknown model kwarg {match.group(1)!r} for {variant}; accepted: {accepted}') from None
+    accepted = set(inspect.signature(VisionTransformerPosAttn.__init__).parameters) - {'self'}
+    unknown = sorted(set(kwargs) - accepted - _FACTORY_KWARGS)
+    if unknown:  # a typo in a model kwarg must not pass silently, nor end in a bare TypeError deep in a layer
+        raise TypeError(f'Unknown model kwarg {unknown[0]!r} for {variant}; accepted: {sorted(accepted)}')
+    return build_model_with_cfg(
+        VisionTransformerPosAttn,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+        **kwargs,
+    )
 
 
 def _cfg(name: str = '', **kwargs) -> Dict[str, Any]:
