@@ -325,8 +325,14 @@ group.add_argument('--no-attention-plot', action='store_true', default=False,
                    help='do not save the positional attention plot at the end')
 
 
+EXIT_NON_FINITE = 3  # the exit code of a run stopped by a non-finite loss or evaluation
+
+
 class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or inf; training stops rather than writing a broken model."""
+    """The training loss or an evaluation became NaN or inf; training stops rather than writing a broken model."""
+
+    def __str__(self) -> str:
+        return f'training stopped, {super().__str__()}'
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -1232,14 +1238,8 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     non-finite loss exit code 3, Ctrl-C 130 with what was saved."""
     progress = Progress()
     try:
-        return run_command(lambda: main(argv, progress), argv, on_interrupt=progress.describe)
-    except NonFiniteLossError as e:
-        if '--debug' in (sys.argv[1:] if argv is None else argv):
-            raise
-        for handler in logging.getLogger().handlers:
-            handler.flush()
-        print(f'error: training stopped, {e}', file=sys.stderr)
-        return 3
+        return run_command(lambda: main(argv, progress), argv, on_interrupt=progress.describe,
+                           exit_codes={NonFiniteLossError: EXIT_NON_FINITE})
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -140,7 +140,10 @@ def evaluate(args: argparse.Namespace) -> Dict[str, Any]:
     }
 
 
-def _validate(argv: Sequence[str]) -> None:
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Evaluate and print top-1/top-5 (and write --results-file); returns the results."""
+    if not logging.root.handlers:
+        utils.setup_default_logging()
     args = _parser().parse_args(argv)
     results_file = None
     if args.results_file is not None:  # refused before any work, not after it
@@ -152,18 +155,13 @@ def _validate(argv: Sequence[str]) -> None:
           f"({results['model']} on {results['dataset']}/{results['split']}, {results['num_samples']} images)")
     if results_file is not None:
         results_file.write_text(os.path.basename(args.results_file), json.dumps(results, indent=2) + '\n')
+    return results
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def run(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry; returns the exit code (2 and one line on stderr for an error the user can fix)."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if not logging.root.handlers:
-        utils.setup_default_logging()
-    try:
-        return run_command(lambda: _validate(argv), argv, user_errors=(DatasetError,))
-    except SystemExit as e:  # argparse: --help, or a bad option (already printed as one line)
-        return e.code if isinstance(e.code, int) else 2
+    return run_command(lambda: main(argv), argv, user_errors=(DatasetError,))
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(run())

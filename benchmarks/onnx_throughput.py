@@ -170,5 +170,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     return payload
 
 
+def run(argv: Optional[Sequence[str]] = None) -> int:
+    """Command-line entry; returns the exit code (2 and one line on stderr for an error the user can fix)."""
+    return run_command(lambda: main(argv), argv)
+
+
 if __name__ == '__main__':
-    sys.exit(run_command(main))
+    sys.exit(run())

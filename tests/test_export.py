@@ -67,7 +67,7 @@ def _exit_code(argv):
     """The exit code of `python -m timm_posattn.export ARGV` (argparse exits itself, the rest goes through
     run_command)."""
     try:
-        return export.run_command(lambda: export.main(argv), argv)
+        return export.run(argv)
     except SystemExit as e:
         return e.code
 

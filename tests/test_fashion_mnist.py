@@ -111,7 +111,7 @@ def test_train_errors_are_one_line_and_write_nothing(data, runs, tmp_path, capsy
 
 
 def run_validate(capsys, *argv):
-    code = validate.main([str(a) for a in argv])
+    code = validate.run([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -217,7 +217,7 @@ def _test_images():
 
 
 def run_visualize(capsys, *argv):
-    from timm_posattn.visualize import main
+    from timm_posattn.visualize import run as main
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
@@ -312,7 +312,7 @@ def test_publish_card_reports_the_accuracy_of_the_published_weights(data, runs, 
     from timm_posattn import publish
     run = runs['posattn'][0]
     out = tmp_path / 'published'
-    code = publish.main(['--checkpoint', str(run / 'model_best.pth.tar'), '--model',
+    code = publish.run(['--checkpoint', str(run / 'model_best.pth.tar'), '--model',
                          'vit_posattn_tiny_patch4_32.fashion_mnist', '--out', str(out), '--no-benchmark',
                          '--results', str(run / 'summary.csv'), '--dataset', 'torch/fashion_mnist', '--data-dir',
                          str(data), '-j', '0'])
@@ -351,7 +351,7 @@ def test_publish_data_errors_are_one_line_and_write_nothing(runs, tmp_path, caps
     argv = [a.replace('{tmp}', str(tmp_path)).replace('{damaged}', str(damaged)) for a in argv]
     out = tmp_path / 'out'
     out.mkdir()
-    code = publish.main(['--checkpoint', str(runs['posattn'][0] / 'last.pth.tar'), '--model',
+    code = publish.run(['--checkpoint', str(runs['posattn'][0] / 'last.pth.tar'), '--model',
                          'vit_posattn_tiny_patch4_32', '--out', str(out), '--no-benchmark', *argv])
     assert_one_line_error(code, capsys.readouterr().err, expected)
     assert list(out.iterdir()) == []

@@ -277,8 +277,8 @@ def test_unknown_architecture_tells_user_to_import(folder_copy):
 
 
 def run_publish(capsys, *argv):
-    """publish.main in-process: (exit code, stdout, stderr lines)."""
-    code = publish.main([str(a) for a in argv])
+    """publish.run in-process: (exit code, stdout, stderr lines)."""
+    code = publish.run([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, [line for line in err.splitlines() if line.strip()]
 

@@ -27,7 +27,6 @@ import train  # noqa: E402
 import validate  # noqa: E402
 from cli_assertions import assert_one_line_error  # noqa: E402
 from timm_posattn import convert, export, outputs, paper, publish, run_folder, visualize  # noqa: E402
-from timm_posattn.cli import run_command  # noqa: E402
 from timm_posattn.convert import ConvertError, convert_vit  # noqa: E402
 from timm_posattn.files import atomic_write, temp_prefix  # noqa: E402
 from timm_posattn.loading import LoadError, load_model, read_checkpoint  # noqa: E402
@@ -61,7 +60,7 @@ def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp('runs')
     train.main(['--output', str(out), '--experiment', 'base', '--epochs', '2', *TINY, *DATA])
     pub = out / 'pub'
-    assert publish.main(['--checkpoint', str(out / 'base' / 'model_best.pth.tar'), '--model', MODEL, '--out',
+    assert publish.run(['--checkpoint', str(out / 'base' / 'model_best.pth.tar'), '--model', MODEL, '--out',
                          str(pub), '--no-benchmark']) == 0
     return out / 'base', pub
 
@@ -84,7 +83,7 @@ def edit_config(folder, edit, keep_digest=False):
 
 
 def validate_folder(capsys, folder):
-    code = validate.main(['--model', f'local-dir:{folder}', '--num-samples', '32', '-j', '0'])
+    code = validate.run(['--model', f'local-dir:{folder}', '--num-samples', '32', '-j', '0'])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -333,10 +332,10 @@ def _command_runs(trained, out):
     return {
         'F2 train.py': lambda: train.run(['--output', str(out), '--epochs', '1', *TINY, *DATA]),
         'F3 convert': lambda: convert.run(['--source', ckpt, '--dataset', 'structured', '--out', str(out)]),
-        'F4 export': lambda: run_command(lambda: export.main([ckpt, '--output', str(out / 'm.onnx')])),
-        'F5 publish': lambda: publish.main(['--checkpoint', ckpt, '--model', MODEL, '--out', str(out)]),
-        'F6 visualize': lambda: visualize.main([ckpt, '--out', str(out / 'a.png')]),
-        'F7 validate.py': lambda: validate.main(['--checkpoint', ckpt, '--results-file', str(out / 'r.json')]),
+        'F4 export': lambda: export.run([ckpt, '--output', str(out / 'm.onnx')]),
+        'F5 publish': lambda: publish.run(['--checkpoint', ckpt, '--model', MODEL, '--out', str(out)]),
+        'F6 visualize': lambda: visualize.run([ckpt, '--out', str(out / 'a.png')]),
+        'F7 validate.py': lambda: validate.run(['--checkpoint', ckpt, '--results-file', str(out / 'r.json')]),
         'F8 paper': lambda: paper.run(['association', '--quick', '--out', str(out)]),
     }
 
@@ -422,7 +421,7 @@ def test_PB2c_an_interrupted_publish_is_completed_by_the_next_load(trained, tmp_
         if switching:
             moved.append(dst)
     monkeypatch.setattr(outputs.os, 'replace', killed_after_one)
-    code = publish.main(['--checkpoint', str(base / 'checkpoint-0.pth.tar'), '--model', MODEL, '--out', str(folder),
+    code = publish.run(['--checkpoint', str(base / 'checkpoint-0.pth.tar'), '--model', MODEL, '--out', str(folder),
                          '--no-benchmark', '--force'])
     monkeypatch.setattr(outputs.os, 'replace', real_replace)
     assert code == 130
@@ -487,7 +486,7 @@ def test_CA7_convert_vit_names_non_finite_source_weights(standard_source):
 def test_E9_export_refuses_an_opset_its_exporter_cannot_write(trained, tmp_path, capsys, argv, expected):
     base, _ = trained
     full = [str(base / 'model_best.pth.tar'), '--output', str(tmp_path / 'm.onnx'), *argv]
-    code = run_command(lambda: export.main(full), full)
+    code = export.run(full)
     assert_one_line_error(code, capsys.readouterr().err, expected)
     assert list(tmp_path.iterdir()) == []
 
@@ -497,7 +496,7 @@ def test_U5_export_refuses_a_path_the_exporter_cannot_encode(trained, tmp_path, 
     folder = os.path.join(os.fsencode(tmp_path), b'nonutf\xff')
     os.mkdir(folder)
     argv = [str(base / 'model_best.pth.tar'), '--output', os.fsdecode(os.path.join(folder, b'm.onnx'))]
-    code = run_command(lambda: export.main(argv), argv)
+    code = export.run(argv)
     assert_one_line_error(code, capsys.readouterr().err, 'is not a UTF-8 path')
 
 
@@ -511,7 +510,7 @@ def test_PB10_a_card_template_that_cannot_be_filled_is_refused_before_work(train
     path = tmp_path / 'card.md'
     path.write_text(template)
     monkeypatch.setattr(publish, 'model_from_checkpoint', lambda *a, **k: pytest.fail('work started before the check'))
-    code = publish.main(['--checkpoint', str(base / 'model_best.pth.tar'), '--model', MODEL, '--out',
+    code = publish.run(['--checkpoint', str(base / 'model_best.pth.tar'), '--model', MODEL, '--out',
                          str(tmp_path / 'out'), '--card-template', str(path)])
     assert_one_line_error(code, capsys.readouterr().err, expected)
     assert not (tmp_path / 'out').exists()

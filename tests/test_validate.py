@@ -1,7 +1,7 @@
 """validate.py: every model through timm_posattn.loading, the run's own evaluation reproduced, one-line errors.
 
 One short train.py run (tiny model, EMA on) gives a real checkpoint and summary.csv; the other checkpoints are
-written with `loading.make_checkpoint`, train.py's format writer. Runs go through ``validate.main`` in-process;
+written with `loading.make_checkpoint`, train.py's format writer. Runs go through ``validate.run`` in-process;
 one subprocess checks the real command line.
 """
 import csv
@@ -35,8 +35,8 @@ STRUCTURED_ARGS = dict(model=ARCH, dataset='structured', num_classes=2, model_kw
 
 
 def run_validate(capsys, *argv):
-    """validate.main in-process: (exit code, stdout, stderr lines)."""
-    code = validate.main([str(a) for a in argv])
+    """validate.run in-process: (exit code, stdout, stderr lines)."""
+    code = validate.run([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, [line for line in err.splitlines() if line.strip()]
 

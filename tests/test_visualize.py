@@ -17,7 +17,7 @@ from timm_posattn.association import model_association
 from timm_posattn.cli import UsageError
 from timm_posattn.loading import LoadError, load_model, make_checkpoint
 from timm_posattn.structured import StructuredImageDataset
-from timm_posattn.visualize import main, resolve_query_patches, save_attention_plot
+from timm_posattn.visualize import resolve_query_patches, run, save_attention_plot
 
 REPO = Path(__file__).resolve().parents[1]
 ARCH = 'vit_posattn_tiny_patch4_32'
@@ -43,8 +43,8 @@ def _same_attention(a, b):
 
 
 def run_main(capsys, *argv):
-    """visualize.main in-process: (exit code, stdout, stderr lines)."""
-    code = main([str(a) for a in argv])
+    """visualize.run in-process: (exit code, stdout, stderr lines)."""
+    code = run([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, [line for line in err.splitlines() if line.strip()]
 

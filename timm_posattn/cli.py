@@ -10,7 +10,7 @@ import errno
 import logging
 import math
 import sys
-from typing import Any, Callable, NoReturn, Optional, Sequence
+from typing import Any, Callable, Mapping, NoReturn, Optional, Sequence
 
 from timm.utils import ParseKwargs as _TimmParseKwargs
 
@@ -133,16 +133,30 @@ def run_command(
         argv: Optional[Sequence[str]] = None,
         user_errors: Sequence[type] = (),
         on_interrupt: Optional[Callable[[], str]] = None,
+        exit_codes: Optional[Mapping[type, int]] = None,
 ) -> int:
-    """Run a command's ``main()`` under the error policy; returns the exit code.
+    """Run a command's ``main()`` under the error policy; returns the exit code. Every command's ``run(argv)`` is
+    this around its ``main(argv)``.
 
-    ``user_errors``: exception types (besides `UsageError`) that mean bad input: one line, exit 2. ``on_interrupt``
-    says what was saved when Ctrl-C stops the command. ``--debug`` anywhere in ``argv`` re-raises instead.
+    ``user_errors``: exception types (besides `UsageError`) that mean bad input: one line, exit 2. ``exit_codes``:
+    other exception types that end the command with one line and their own exit code (train.py: a non-finite loss,
+    3). ``on_interrupt`` says what was saved when Ctrl-C stops the command. argparse's own exits (``--help``, a bad
+    option already printed as one line) return their code. ``--debug`` anywhere in ``argv`` re-raises instead.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = '--debug' in argv
+    exit_codes = dict(exit_codes or {})
     try:
         main()
+    except SystemExit as e:  # argparse: --help (0), or a bad option already printed as one line (2)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USAGE)
+    except tuple(exit_codes) as e:
+        if debug:
+            raise
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        print(f'error: {one_line(e)}', file=sys.stderr)
+        return next(code for kind, code in exit_codes.items() if isinstance(e, kind))
     except (UsageError, OSError, *user_errors) as e:
         if debug or (isinstance(e, OSError) and not isinstance(e, user_errors) and e.errno not in _USER_OS_ERRORS):
             raise

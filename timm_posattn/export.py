@@ -12,6 +12,7 @@ more image. Needs the export extra: `pip install -e ".[export]"` (onnx, onnxrunt
 """
 import os
 import re
+import sys
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -264,5 +265,10 @@ def main(argv: Optional[Sequence[str]] = None) -> ExportReport:
     return report
 
 
+def run(argv: Optional[Sequence[str]] = None) -> int:
+    """Command-line entry; returns the exit code (2 and one line on stderr for an error the user can fix)."""
+    return run_command(lambda: main(argv), argv)
+
+
 if __name__ == '__main__':
-    raise SystemExit(run_command(main))
+    sys.exit(run())

@@ -22,7 +22,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from timm.models import save_for_hf, split_model_name_tag
@@ -407,7 +407,9 @@ def _parser() -> ArgumentParser:
     return parser
 
 
-def _publish(argv: Sequence[str]) -> None:
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Publish (and print what was published); returns publish()'s summary."""
+    logging.basicConfig(level=logging.WARNING, format='%(levelname)s: %(message)s')
     args = _parser().parse_args(argv)
     summary = publish(
         args.checkpoint, args.model, args.out, repo_id=args.repo_id, results=args.results,
@@ -431,17 +433,13 @@ def _publish(argv: Sequence[str]) -> None:
               + json.dumps(summary['release_entry'], indent=2))
     elif args.repo_id:
         print(f'Uploaded to {args.repo_id}.')
+    return summary
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def run(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry; returns the exit code (2 and one line on stderr for an error the user can fix)."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    logging.basicConfig(level=logging.WARNING, format='%(levelname)s: %(message)s')
-    try:
-        return run_command(lambda: _publish(argv), argv)
-    except SystemExit as e:  # argparse: --help, or a bad option (already printed as one line)
-        return e.code if isinstance(e.code, int) else 2
+    return run_command(lambda: main(argv), argv)
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(run())

@@ -17,7 +17,7 @@ for the model and a ``--twin`` (its standard twin, averaged over a dataset's ima
 import argparse
 import os
 import sys
-from typing import IO, Callable, Optional, Sequence, Tuple, Union
+from typing import IO, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -188,14 +188,16 @@ def _parser() -> ArgumentParser:
     return parser
 
 
-def _visualize(argv: Sequence[str]) -> None:
+def main(argv: Optional[Sequence[str]] = None) -> List[str]:
+    """Plot (or, with --distance, report the attention distance); returns the paths written."""
     args = _parser().parse_args(argv)
     check_distance_arguments(args)
     if args.distance:
         args.out = args.out or 'distance.png'
-        for path in visualize_distance(args):
+        paths = visualize_distance(args)
+        for path in paths:
             print(f'wrote {path}')
-        return
+        return list(paths)
     out = os.path.abspath(args.out or 'attention.png')
     folder = OutputFolder(os.path.dirname(out), [os.path.basename(out)], overwrite=args.overwrite,
                           command='visualize').check()  # before loading anything
@@ -208,16 +210,13 @@ def _visualize(argv: Sequence[str]) -> None:
     path = save_attention_plot(loaded.model, out, query_patches=args.query, blocks=args.blocks,
                                img_size=args.img_size, write=lambda p, fn: folder.write(os.path.basename(p), fn))
     print(f'wrote {path}')
+    return [path]
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def run(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry; returns the exit code (2 and one line on stderr for an error the user can fix)."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        return run_command(lambda: _visualize(argv), argv)
-    except SystemExit as e:  # argparse: --help, or a bad option (already printed as one line)
-        return e.code if isinstance(e.code, int) else 2
+    return run_command(lambda: main(argv), argv)
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(run())
