@@ -213,7 +213,7 @@ def test_command_error_is_one_line_in_a_subprocess(tmp_path):
     (['--holdout', '1'], 'out of range'),
     (['--pos-attn-layer', 'nope'], 'invalid choice'),
     (['--pos-attn-layers', 'x'], 'block count'),
-    (['--device', 'gpu0'], 'is not a device'),
+    (['--device', 'gpu0'], 'expected a device such as cpu, cuda or cuda:0'),
     (['--source', 'resnet10t'], 'cannot convert a ResNet'),
     (['--dataset', '', '--data-dir', '/no/such/dir'], "does not exist"),
     (['--pos-attn-layers', '0,99'], 'outside 0..11'),

@@ -32,10 +32,11 @@ from timm.models import VisionTransformer, get_arch_pretrained_cfgs
 from timm.models.vision_transformer import Block
 
 from .attention_stats import AverageAttention, attention_distance, record_average_attention
-from .cli import ArgumentParser, UsageError, float_range, int_range, one_line, run_command
+from .cli import ArgumentParser, UsageError, device_arg, float_range, int_range, one_line, run_command
 from .layers import LogitsAttentionMap, PositionalBlock, list_pos_attn_layers
-from .loading import load_model, make_checkpoint, read_checkpoint
+from .loading import PREPROCESSING_KEYS, load_model, make_checkpoint, read_checkpoint
 from .outputs import FolderClaim, OutputFolder
+from .plots import pyplot
 from .published import check_finite
 from .vit_posattn import StandardBlock, VisionTransformerPosAttn, checkpoint_filter_fn, resolve_pos_attn_layers
 
@@ -51,7 +52,6 @@ CHECKPOINT_NAME = 'converted.pth.tar'
 REPORT_NAME = 'report.json'
 PLOT_NAME = 'attention.png'
 OUTPUT_FILES = (CHECKPOINT_NAME, REPORT_NAME, PLOT_NAME)  # what the command owns in --out (one set)
-DATA_CONFIG_KEYS = ('input_size', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode')
 
 Batch = Union[torch.Tensor, Sequence[torch.Tensor]]  # images, or (images, targets, ...)
 
@@ -380,7 +380,7 @@ def _source_data_config(source: nn.Module, recorded: Optional[Dict[str, Any]] = 
     --mean/--std/...), at the source's own input size."""
     in_chans = source.patch_embed.proj.in_channels  # a 1-value mean is expanded to the source's channels, not 3
     config = resolve_data_config({'in_chans': in_chans, **{k: v for k, v in (recorded or {}).items()
-                                                            if k in DATA_CONFIG_KEYS and v}}, model=source)
+                                                            if k in PREPROCESSING_KEYS and v}}, model=source)
     config['input_size'] = (source.patch_embed.proj.in_channels, *source.patch_embed.img_size)
     return config
 
@@ -469,7 +469,7 @@ def convert_vit(
     except ValueError as e:
         raise ConvertError(str(e)) from None
     source.eval()
-    data_config = {k: v for k, v in (data_config or _source_data_config(source)).items() if k in DATA_CONFIG_KEYS}
+    data_config = {k: v for k, v in (data_config or _source_data_config(source)).items() if k in PREPROCESSING_KEYS}
     arch = _twin_arch(kwargs)
     model_kwargs = dict(kwargs, pos_attn_layers=pos_attn_layers, pos_attn_layer=pos_attn_layer)
     with torch.random.fork_rng(devices=[]):
@@ -524,9 +524,7 @@ def attention_comparison_figure(
     (default: the first four). Each pair of panels shares one colour scale, from the pair's smallest to its largest
     patch weight (a near-uniform row shows its small deviations); the titles give each row's largest weight.
     """
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     indices = list(model.pos_attn_indices)
     if blocks is None:
@@ -582,7 +580,7 @@ def write_conversion(claim: FolderClaim, model: VisionTransformerPosAttn, report
                      args: Dict[str, Any]) -> List[str]:
     """Write the checkpoint (train.py format), report.json and the attention plot into the claimed folder, as one
     set (a kill never leaves a report of another conversion beside the checkpoint); returns the paths."""
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     checkpoint = make_checkpoint(report.arch, 0, {k: v.detach().cpu() for k, v in model.state_dict().items()},
                                  args=args)
     claim.stage(CHECKPOINT_NAME, lambda f: torch.save(checkpoint, f))
@@ -640,23 +638,12 @@ def _parser() -> ArgumentParser:
     parser.add_argument('-b', '--batch-size', type=int_range(1), default=64, metavar='N')
     parser.add_argument('-j', '--workers', type=int_range(0), default=2, metavar='N', help='data loading workers')
     parser.add_argument('--seed', type=int, default=0, help='seed of the image draw and of the fit (default: 0)')
-    parser.add_argument('--device', default=None, help='device (default: cuda if available, else cpu)')
+    parser.add_argument('--device', default=None, type=device_arg,
+                        help='device (default: cuda if available, else cpu)')
     parser.add_argument('--out', required=True, metavar='DIR',
                         help=f'output folder for {CHECKPOINT_NAME}, {REPORT_NAME} and {PLOT_NAME}')
     parser.add_argument('--overwrite', action='store_true', help='replace those files if the folder has them')
     return parser
-
-
-def _device(name: Optional[str]) -> torch.device:
-    if name is None:
-        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConvertError(f'--device {name!r} is not a device: expected cpu, cuda, cuda:N, mps') from None
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise ConvertError(f'--device {name}: CUDA is not available on this machine')
-    return device
 
 
 def _calibration_batches(loader: Iterable, num_images: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
@@ -676,7 +663,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
     args = _parser().parse_args(argv)
     folder = output_folder(args.out, overwrite=args.overwrite).check()
-    device = _device(args.device)
+    device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     source, data_config, saved = load_source(args.source, pretrained=True if args.pretrained else None)
     source.to(device)
     if not (args.pretrained or os.path.exists(args.source) or args.source.startswith(('hf-hub:', 'local-dir:'))):

@@ -28,6 +28,7 @@ from .data import random_subset
 from .evaluation import create_eval_loader, open_eval_dataset, resolve_data, resolve_preprocessing, split_name
 from .loading import LoadedModel, load_model
 from .outputs import OutputFolder
+from .plots import pyplot
 
 __all__ = ['DEFINITION', 'add_distance_arguments', 'check_distance_arguments', 'model_distances', 'distance_figure',
            'visualize_distance']
@@ -138,10 +139,8 @@ def distance_figure(entries: Sequence[Dict[str, Any]], attention: Dict[int, torc
     """A matplotlib figure: on top, per block, each head's mean attention distance of every entry (dots, the block
     mean as a line) and the uniform row's distance (dashed); below, the first entry's attention maps of the query
     patch, one row per block (``blocks``, default all) and one column per head."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
+    plt = pyplot()
 
     first = entries[0]
     grid, prefix = tuple(first['grid']), first['prefix_tokens']
@@ -250,7 +249,7 @@ def visualize_distance(args: argparse.Namespace) -> List[str]:
     if data is not None:
         report.update(dataset=data['dataset'], split=split_name(data['dataset'], data['split']),
                       num_images=args.num_images)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig = distance_figure(entries, attention, query, args.blocks)
     try:
         paths = [folder.write(png, lambda f: fig.savefig(f, format='png', dpi=110))]

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 from .cli import UsageError
 from .data import create_dataset
 from .dataset_info import get_dataset_info
-from .loading import LoadedModel, TrainCheckpoint
+from .loading import PREPROCESSING_ARGS, LoadedModel, TrainCheckpoint
 
 __all__ = [
     'DATA_KEYS', 'NonFiniteOutputError', 'model_input_channels', 'resolve_data', 'resolve_preprocessing',
@@ -26,7 +26,7 @@ __all__ = [
 ]
 
 # what resolve_data_config reads: the preprocessing a model was trained with
-DATA_KEYS = ('input_size', 'img_size', 'in_chans', 'mean', 'std', 'crop_pct', 'crop_mode', 'interpolation')
+DATA_KEYS = PREPROCESSING_ARGS  # what validate.py takes on its command line
 
 
 class NonFiniteOutputError(UsageError):

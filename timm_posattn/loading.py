@@ -563,7 +563,9 @@ def load_weights(model: nn.Module, checkpoint: Union[str, TrainCheckpoint], use_
 
 # the pretrained_cfg keys that say how a model's inputs are prepared (timm's data config)
 PREPROCESSING_KEYS = ('input_size', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode')
-_RECORDED_PREPROCESSING = ('mean', 'std', 'crop_pct', 'crop_mode', 'interpolation')  # what train.py's args may set
+# the train.py / validate.py arguments that give them (recorded in a checkpoint's args)
+PREPROCESSING_ARGS = ('input_size', 'img_size', 'in_chans', 'mean', 'std', 'crop_pct', 'crop_mode', 'interpolation')
+_RECORDED_PREPROCESSING = tuple(k for k in PREPROCESSING_KEYS if k != 'input_size')  # the size is the model's
 
 
 def set_preprocessing(model: nn.Module, data_config: Mapping[str, Any]) -> None:

@@ -23,6 +23,7 @@ from .cli import ArgumentParser, UsageError, float_range, int_range, run_command
 from .files import atomic_write
 from .layers import list_pos_attn_layers
 from .outputs import OutputFolder
+from .plots import pyplot
 from .simplified import ATTENTION, INIT, INITS, SimplifiedPositionalModel, accuracy, train_fixed, train_online
 from .structured import StructuredConfig, make_structure, orthogonal_feature, sample_structured
 
@@ -71,23 +72,16 @@ OUTPUTS = dict(association=('results.json', 'attention.png', 'metrics.png'), tra
 
 
 def _save_figure(fig, path: str) -> str:
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     try:
         return atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=120, bbox_inches='tight'))
     finally:
         plt.close(fig)
 
 
-def _pyplot():
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def save_attention_heatmap(attn: torch.Tensor, partition: torch.Tensor, path: str, title: str = '') -> str:
     """Heatmap of a (D, D) attention matrix with rows and columns ordered by hidden set, set borders drawn."""
-    plt = _pyplot()
+    plt = pyplot()
     order = torch.argsort(partition, stable=True)
     ordered = attn.detach()[order][:, order].cpu().numpy()
     sets = partition[order].tolist()
@@ -106,7 +100,7 @@ def save_attention_heatmap(attn: torch.Tensor, partition: torch.Tensor, path: st
 
 def save_metrics_plot(history: List[Dict[str, float]], path: str, chance: float, chance_set_purity: float) -> str:
     """Association, set purity, ARI (with their chance levels) and training loss over the steps."""
-    plt = _pyplot()
+    plt = pyplot()
     steps = [h['step'] for h in history]
     fig, (ax, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
     # association and set_purity coincide once every row prefers its own set: draw them so both stay visible
@@ -129,7 +123,7 @@ def save_metrics_plot(history: List[Dict[str, float]], path: str, chance: float,
 
 def save_transfer_plot(results: Dict, path: str) -> str:
     """Downstream test accuracy against the number of samples n: pretrained attention vs from scratch."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, label, color in (('pretrained', 'pretrained attention (frozen)', 'C0'), ('scratch', 'from scratch', 'C1')):
         mean = torch.tensor(results[key])

@@ -29,7 +29,10 @@ from timm.models import save_for_hf, split_model_name_tag
 from timm.utils import reparameterize_model
 
 from .cli import ArgumentParser, UsageError, device_arg, float_range, int_range, one_line, run_command
-from .loading import add_ema_arguments, load_model, model_from_checkpoint, read_checkpoint, require_registered
+from .loading import (
+    PREPROCESSING_ARGS, PREPROCESSING_KEYS, add_ema_arguments, load_model, model_from_checkpoint, read_checkpoint,
+    require_registered,
+)
 from .flops import forward_gmacs
 from .machine import cpu_name
 from .evaluation import (
@@ -47,9 +50,6 @@ _logger = logging.getLogger('timm_posattn.publish')
 PUBLISHED_FILES = ('config.json', WEIGHTS_NAME, 'README.md')  # what publish owns in --out, and uploads
 # files of a Hub repo that mean "a model is already published here"
 _HUB_MODEL_FILES = ('config.json', WEIGHTS_NAME, 'pytorch_model.bin')
-# train.py arguments that give the preprocessing (config.json's pretrained_cfg)
-_DATA_ARG_KEYS = ('input_size', 'img_size', 'in_chans', 'mean', 'std', 'crop_pct', 'crop_mode', 'interpolation')
-_CFG_DATA_KEYS = ('input_size', 'mean', 'std', 'crop_pct', 'crop_mode', 'interpolation')
 
 
 class VerificationError(UsageError):
@@ -66,7 +66,7 @@ class HubError(UsageError):
 
 def data_config_from_args(args: Dict[str, Any]) -> Dict[str, Any]:
     """The preprocessing train.py used (mean/std/crop/interpolation), for config.json's pretrained_cfg."""
-    return {k: args[k] for k in _DATA_ARG_KEYS if args.get(k) not in (None, '')}
+    return {k: args[k] for k in PREPROCESSING_ARGS if args.get(k) not in (None, '')}
 
 
 def count_gmacs(model: torch.nn.Module, input_size: Sequence[int]) -> float:
@@ -127,7 +127,7 @@ def export_folder(model: torch.nn.Module, folder: Path, data_config: Dict[str, A
     ``data_config`` argument still record it; the model kwargs are passed explicitly, since timm before 1.0.31 does
     not record them itself (a Hub load would otherwise rebuild the entrypoint's defaults, e.g. another depth).
     """
-    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in data_config.items() if k in _CFG_DATA_KEYS}
+    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in data_config.items() if k in PREPROCESSING_KEYS}
     model_config = dict(model_config, pretrained_cfg={**overrides, **model_config.get('pretrained_cfg', {})})
     extra = {'data_config': data_config} if 'data_config' in inspect.signature(save_for_hf).parameters else {}
     save_for_hf(model, folder, model_config=model_config, model_args=model_args, safe_serialization=True, **extra)

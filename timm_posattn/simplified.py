@@ -62,8 +62,8 @@ class SimplifiedPositionalModel(nn.Module):
             init: 'random' (the layer's default init) or 'local' (A ≈ softmax(beta·I)).
             beta: the self logit of the local init.
             pos_dim: k, the width of the positional table P (single head) for layers that read it; default D,
-                so P·Pᵀ-type logits can reach any (D, D) structure (measured: with k = 16 < D = 64 the tied
-                form escaped uniform attention in 2 of 3 seeds within 1500 steps, with k = D in 3 of 3).
+                so P·Pᵀ-type logits can reach any (D, D) structure (a narrower P escapes uniform attention less
+                reliably: docs/paper_experiments.md).
             seed: seeds every parameter, so a model is a function of its arguments.
         """
         super().__init__()

@@ -29,6 +29,7 @@ from timm_posattn.distance import add_distance_arguments, check_distance_argumen
 from timm_posattn.files import atomic_write
 from timm_posattn.loading import add_ema_arguments, load_model
 from timm_posattn.outputs import OutputFolder
+from timm_posattn.plots import pyplot
 from timm_posattn.published import NonFiniteWeightsError
 
 __all__ = ['save_attention_plot', 'resolve_query_patches', 'main']
@@ -83,10 +84,8 @@ def save_attention_plot(
     token, since every panel has its own colour scale). ``blocks`` are model block indices (default: every
     positional block), ``query_patches`` ints or (row, col) pairs (default: centre).
     """
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
+    plt = pyplot()
 
     if isinstance(model, str):
         model = load_model(model).model
