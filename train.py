@@ -54,9 +54,9 @@ from timm_posattn.loading import (
 )
 from timm_posattn.recipes import read_recipe
 from timm_posattn.run_folder import (
-    DEFAULT_OUTPUT, AtomicCheckpointSaver, Progress, RunFolder, check_resume_model, check_resume_options, check_resume_ranking,
-    discard_abandoned_run, read_resume_checkpoint, reconcile_best, resolve_run_folder, restore_training_state,
-    saved_epoch,
+    DEFAULT_OUTPUT, AtomicCheckpointSaver, Progress, RunFolder, check_resume_model, check_resume_options,
+    check_resume_ranking, discard_abandoned_run, read_resume_checkpoint, reconcile_best, resolve_run_folder,
+    restore_training_state, saved_epoch,
 )
 
 _logger = logging.getLogger('train')

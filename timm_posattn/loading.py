@@ -35,7 +35,8 @@ from timm.models import clean_state_dict, is_model, parse_model_name, resolve_pr
 from .cli import one_line
 from .outputs import finish_interrupted_commits
 from .published import (
-    WEIGHTS_NAME, LoadError, WeightsFileError, check_finite, check_safetensors, verify_config, verify_folder, verify_hub_repo, weights_file_timm_loads,
+    WEIGHTS_NAME, LoadError, WeightsFileError, check_finite, check_safetensors, verify_config, verify_folder,
+    verify_hub_repo, weights_file_timm_loads,
 )
 
 __all__ = [
@@ -336,9 +337,10 @@ def check_model_config(cfg: Mapping[str, Any], origin: str,
     for key in ('mean', 'std'):
         value = pcfg.get(key)
         if value is not None and not (isinstance(value, (list, tuple)) and 1 <= len(value) <= 4 and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (key == 'mean' or v > 0)
-                for v in value)):
-            raise bad(f'pretrained_cfg.{key}', value, f'a list of 1 to 4 finite numbers{" > 0" if key == "std" else ""}')
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                and (key == 'mean' or v > 0) for v in value)):
+            raise bad(f'pretrained_cfg.{key}', value,
+                      f'a list of 1 to 4 finite numbers{" > 0" if key == "std" else ""}')
     size = pcfg.get('input_size')
     if size is not None and not (isinstance(size, (list, tuple)) and len(size) == 3 and all(map(_is_int, size))):
         raise bad('pretrained_cfg.input_size', size, '[channels, height, width] of positive integers')
@@ -391,7 +393,8 @@ def _check_built_model_fits(name: str, shapes: Mapping[str, Tuple[int, ...]], or
         raise LoadError(f'{origin} describes a model that cannot be built: {one_line(e)[:300]}') from None
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing, extra = sorted(set(ours) - set(shapes)), sorted(set(shapes) - set(ours))
-    wrong = [f'{k} {list(shapes[k])} vs {list(ours[k])}' for k in sorted(set(ours) & set(shapes)) if ours[k] != shapes[k]]
+    wrong = [f'{k} {list(shapes[k])} vs {list(ours[k])}' for k in sorted(set(ours) & set(shapes))
+             if ours[k] != shapes[k]]
     if missing or extra or wrong:
         detail = '; '.join(part for part in (missing and f'missing {missing[:3]}', extra and f'not in the model '
                                              f'{extra[:3]}', wrong and f'shape {wrong[0]}') if part)
@@ -593,8 +596,8 @@ def _training_preprocessing(ckpt: TrainCheckpoint, model: nn.Module) -> Dict[str
     return {k: data_config[k] for k in _RECORDED_PREPROCESSING if k in data_config}
 
 
-def model_from_checkpoint(ckpt: TrainCheckpoint, name: Optional[str] = None, use_ema: Optional[bool] = None, adapt: bool = False,
-                **kwargs: Any) -> Tuple[nn.Module, str]:
+def model_from_checkpoint(ckpt: TrainCheckpoint, name: Optional[str] = None, use_ema: Optional[bool] = None,
+                          adapt: bool = False, **kwargs: Any) -> Tuple[nn.Module, str]:
     """Rebuild the model a checkpoint belongs to and load its weights; returns (model, which weights).
 
     `name` defaults to the checkpoint's `arch`; its recorded model kwargs are applied, then `kwargs` (explicit values

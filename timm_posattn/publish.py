@@ -287,8 +287,8 @@ def publish(checkpoint: str, model_name: str, out: str, repo_id: Optional[str] =
     Everything that can be refused is refused before any work: existing files in ``out`` without ``force``, an
     unknown architecture, a missing template or summary, a repo that already holds a model, unreadable or
     non-finite weights, a dataset that cannot be opened. ``use_ema``: None takes the EMA weights when the checkpoint
-    has them. ``eval_dataset`` / ``eval_data_dir``: evaluate the verified folder on that evaluation split (on ``bench_device``)
-    for the card.
+    has them. ``eval_dataset`` / ``eval_data_dir``: evaluate the verified folder on that evaluation split (on
+    ``bench_device``) for the card.
     """
     folder = OutputFolder(out, PUBLISHED_FILES, overwrite=force, command='publish', flag='--force', key='publish')
     folder.check()
