@@ -229,7 +229,7 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, object]]:
     if args.num_threads is not None:
         torch.set_num_threads(args.num_threads)
     rows = time_layouts(args.batch_size, args.tokens, args.dim, args.heads, args.device, args.dtype, args.modes,
-               args.warmup, args.repeats, args.seed, args.projections)
+                        args.warmup, args.repeats, args.seed, args.projections)
     print(f'B={args.batch_size} N={args.tokens} C={args.dim} H={args.heads} {args.device}/{args.dtype}, '
           f'{torch.get_num_threads()} threads, torch {torch.__version__}\n')
     print(markdown_table(rows))

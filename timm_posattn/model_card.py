@@ -3,8 +3,8 @@
 Numbers come only from the checkpoint's own ``summary.csv`` row (accuracy), from publish's evaluation of the published
 folder (``--dataset``: accuracy of exactly the published weights, `timm_posattn.evaluation`) and from
 ``publish.measure_model`` (params, GMACs, throughput); anything else is written as "not measured" and left out of
-the card's metadata. The metadata (front matter) is built with ``huggingface_hub.ModelCardData`` / ``EvalResult``; dataset facts come from
-`timm_posattn.dataset_info`; the positional attention layer is read off the built model.
+the card's metadata. The metadata (front matter) is built with ``huggingface_hub.ModelCardData`` / ``EvalResult``;
+dataset facts come from `timm_posattn.dataset_info`; the positional attention layer is read off the built model.
 """
 import csv
 import json
