@@ -550,6 +550,8 @@ def test_release_list_never_advertises_unpublished_tags(monkeypatch):
     (dict(status='planned'), None),
     (dict(status='uploaded'), 'status'),
     (dict(status='published', hf_hub_id=None), 'hf_hub_id'),
+    (dict(status='trained', folder='weights/x', sha256='0' * 64, upload='hf upload org/x weights/x .'), None),
+    (dict(status='trained', folder='weights/x'), 'sha256, upload'),
 ])
 def test_release_entries_are_validated(tmp_path, monkeypatch, entry, error):
     releases_file = tmp_path / 'releases.json'

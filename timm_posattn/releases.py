@@ -1,7 +1,9 @@
 """The release list: which pretrained tags are published on the Hugging Face Hub.
 
 The model registry asks this module for the hub location of each tag, so a tag only advertises weights
-(and shows up in ``timm.list_pretrained``) once ``releases.json`` marks it ``published``.
+(and shows up in ``timm.list_pretrained``) once ``releases.json`` marks it ``published``. A ``trained`` tag has
+weights in a verified folder (``folder``, with their ``sha256`` and the ``upload`` command) that are not on the Hub
+yet: it advertises nothing either.
 """
 import json
 from functools import lru_cache
@@ -9,7 +11,7 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 RELEASES_FILE = Path(__file__).with_name('releases.json')
-STATUSES = ('published', 'planned')
+STATUSES = ('published', 'trained', 'planned')
 
 
 def _check_entry(name: str, entry: Any) -> None:
@@ -20,6 +22,10 @@ def _check_entry(name: str, entry: Any) -> None:
         raise ValueError(f"{RELEASES_FILE}: entry {name!r} must be a pretrained tag 'architecture.tag'.")
     if entry['status'] == 'published' and '/' not in (entry.get('hf_hub_id') or ''):
         raise ValueError(f"{RELEASES_FILE}: published entry {name!r} needs an hf_hub_id 'org/repo'.")
+    missing = [k for k in ('folder', 'sha256', 'upload') if not entry.get(k)]
+    if entry['status'] == 'trained' and missing:
+        raise ValueError(f"{RELEASES_FILE}: trained entry {name!r} needs {', '.join(missing)} (where the verified "
+                         f"folder is, its weights' sha256, and the command that uploads it).")
 
 
 @lru_cache(maxsize=None)
