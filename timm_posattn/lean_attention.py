@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.flop_counter import register_flop_formula
+from torch.utils import flop_counter
 
 from timm.layers import LayerNorm
 
@@ -399,25 +399,35 @@ def forward_lean(
 # FLOPs (torch.utils.flop_counter and timm_posattn.flops): the matmuls inside the operators
 
 
+def _register_flops(op: torch._ops.OpOverloadPacket) -> Callable:
+    """register_flop_formula for `op`, looked up by its overload packet as the counters do (torch 2.4 registered
+    formulas under each overload instead)."""
+    def register(fn: Callable) -> Callable:
+        formula = flop_counter.register_flop_formula(op)(fn)
+        flop_counter.flop_registry.setdefault(op, formula)
+        return fn
+    return register
+
+
 def _linear_flops(tokens: int, in_features: int, weight_shape: Optional[Tuple[int, ...]]) -> int:
     return 0 if weight_shape is None else 2 * tokens * in_features * weight_shape[0]
 
 
-@register_flop_formula(torch.ops.timm_posattn.attend_project)
+@_register_flops(torch.ops.timm_posattn.attend_project)
 def _attend_project_flops(q_shape, k_shape, v_shape, weight_shape, bias_shape, num_heads, *args, **kwargs) -> int:
     H, N, d = q_shape
     B, M, C = v_shape
     return 2 * H * N * k_shape[1] * d + 2 * N * M * B * C + _linear_flops(B * N, C, weight_shape)
 
 
-@register_flop_formula(torch.ops.timm_posattn.mix_project)
+@_register_flops(torch.ops.timm_posattn.mix_project)
 def _mix_project_flops(attn_shape, v_shape, weight_shape, bias_shape, num_heads, *args, **kwargs) -> int:
     B, M, C = v_shape
     N = attn_shape[1]
     return 2 * N * M * B * C + _linear_flops(B * N, C, weight_shape)
 
 
-@register_flop_formula(torch.ops.timm_posattn.layer_norm_linear)
+@_register_flops(torch.ops.timm_posattn.layer_norm_linear)
 def _layer_norm_linear_flops(x_shape, norm_weight_shape, norm_bias_shape, eps, weight_shape, *args, **kwargs) -> int:
     tokens = 1
     for size in x_shape[:-1]:
