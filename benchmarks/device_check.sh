@@ -5,12 +5,15 @@
 #
 # Steps, most important first, each under its own time limit (a failed step does not stop the next):
 #   env      GPU, torch, timm; timm_posattn imports and registers its models
-#   grads    CUDA fp32 and bf16-autocast training step of vit_posattn_small_patch16_224: the memory-saving paths
-#            (A rebuilt from q and k, A·V and norm1 recomputed in backward) give plain autograd's loss and gradients;
-#            without autograd, the head-by-head and batch-1 (SDPA) paths and the reparameterized model give the
-#            plain forward's logits
+#   grads    CUDA fp32 and bf16-autocast training step of vit_posattn_small_patch16_224: the memory-lean operators
+#            (timm_posattn.lean_attention: A rebuilt from q and k, A·V and norm1 recomputed in backward) give plain
+#            autograd's loss and gradients (lean=False), eagerly and inside a torch.compile(fullgraph=True) graph
+#            (inductor; a 2-block copy, to compile quickly); without autograd, the head-by-head and batch-1 (SDPA)
+#            forwards and the reparameterized model give the plain forward's logits
 #   sweep    bf16 benchmark vs timm's ViT-S/16 at 224, 384 and 512 px: inference at batch 1, 32 and 256 with the
 #            reparameterized model at 1 and 256, training at batch 64 (--plot: the ratio against N)
+#   compiled the same comparison with both models compiled by inductor (--compile), bf16, at 224 and 384 px:
+#            inference and training at batch 256 (the compiled rows: speed, peak memory, compile seconds)
 #   eager    bf16 training benchmark at 224, batch 256 (benchmark issue target: train >= 1.15)
 #   layout   how the shared attention matrix is applied, on the GPU (benchmarks/attention_layout.py), then the
 #            whole attention modules, including the copy-free channels-first layout (--projections)
@@ -18,7 +21,6 @@
 #            128): the ImageNet recipe's cost ratio (configs/imagenet_convert_small.yaml)
 #   train    train.py on CUDA with bf16 AMP, 1 epoch of the structured demo (DDP over NCCL needs >= 2 GPUs:
 #            with one GPU this checks the CUDA/AMP training path, not NCCL)
-#   compile  the bf16 training benchmark with torch.compile (slowest: compiles both models)
 # The whole script stops within BUDGET seconds (default 540, under the device tool's 10-minute command limit): each
 # step's limit is cut to what is left, and a step with under 20 s left is skipped. The machine needs torch (2.11 or
 # newer) and timm >= 1.0.31, installed or on PYTHONPATH (which is kept); nothing is installed here.
@@ -66,27 +68,23 @@ import torch
 import timm
 import timm_posattn  # noqa: F401
 from timm.utils import reparameterize_model
-from timm_posattn.layers import PositionalAttention, PositionalBlock
+from timm_posattn.layers import PositionalAttention
 
 device = os.environ['DEVICE']
 torch.manual_seed(0)
+arch, batch = ('vit_posattn_small_patch16_224', 16) if device == 'cuda' else ('vit_posattn_tiny_patch16_224', 2)
 if device == 'cuda':
-    model, batch = timm.create_model('vit_posattn_small_patch16_224').to(device), 16
+    model = timm.create_model(arch).to(device)
 else:  # the dry run: the same checks on a small model
-    model, batch = timm.create_model('vit_posattn_tiny_patch16_224', depth=2), 2
+    model = timm.create_model(arch, depth=2)
 x, y = torch.randn(batch, 3, 224, 224, device=device), torch.randint(0, 1000, (batch,), device=device)
 
 
 def set_lean(on):
-    """on: the model as shipped; off: plain autograd ops everywhere (the reference)."""
+    """on: the model as shipped (the lean operators); off: plain autograd ops everywhere (the reference)."""
     for m in model.modules():
-        if isinstance(m, PositionalBlock):
-            m.recompute_norm = on
         if isinstance(m, PositionalAttention):
-            if on:
-                m.__dict__.pop('_forward_lean', None)
-            else:
-                m._forward_lean = lambda *args, **kwargs: None
+            m.lean = on
 
 
 model.train()
@@ -119,6 +117,26 @@ with torch.no_grad():
                 err = ((out - ref).norm() / ref.norm()).item()
                 print(f'infer batch {b} {dtype or torch.float32} {name}: relative difference {err:.2e}')
                 assert err < (1e-4 if dtype is None else 5e-2), f'{name} inference differs'
+
+# the operators inside one compiled graph: plain autograd's gradients (inductor on the GPU; the CPU dry run uses
+# aot_eager, which traces the same graph without generating code)
+torch.manual_seed(0)
+small = timm.create_model(arch, depth=2, num_classes=10).to(device).train()
+xs, ys = x[:batch], torch.randint(0, 10, (batch,), device=device)
+backend = 'inductor' if device == 'cuda' else 'aot_eager'
+grads = {}
+for lean in (False, True):
+    for m in small.modules():
+        if isinstance(m, PositionalAttention):
+            m.lean = lean
+    torch._dynamo.reset()
+    net = torch.compile(small, backend=backend, fullgraph=True) if lean else small
+    small.zero_grad(set_to_none=True)
+    torch.nn.functional.cross_entropy(net(xs), ys).backward()
+    grads[lean] = [p.grad.float().clone() for p in small.parameters()]
+rel = max(((a - b).norm() / a.norm().clamp_min(1e-12)).item() for a, b in zip(grads[False], grads[True]))
+print(f'compiled train float32: max relative grad difference to eager plain autograd {rel:.2e}')
+assert rel < 1e-3, 'compiled operators give other gradients'
 print('grads OK')
 PYTHON
 
@@ -134,6 +152,10 @@ step sweep 240 "$PY" benchmarks/throughput.py --device cuda --dtype bfloat16 --i
     --batch-size 1 32 256 --train-batch-size 64 --repeats 5 --iters 10 --json "$OUT/sweep_bf16.json" \
     --plot "$OUT/sweep_bf16.png" --overwrite
 
+step compiled 300 "$PY" benchmarks/throughput.py --device cuda --dtype bfloat16 --compile --img-size 224 384 \
+    --batch-size 256 --train-batch-size 256 --reparam-batch-size --repeats 5 --iters 10 \
+    --json "$OUT/sweep_compiled_bf16.json" --overwrite
+
 step eager 120 "$PY" benchmarks/throughput.py --device cuda --dtype bfloat16 --batch-size 256 --modes train \
     --models vit_posattn_small_patch16_224 --json "$OUT/bf16_eager.json" --overwrite
 
@@ -147,8 +169,5 @@ step distill 60 "$PY" benchmarks/distill_step.py --device cuda --dtype bfloat16 
 
 step train 150 "$PY" train.py --device cuda --amp --amp-dtype bfloat16 --epochs 1 --output "$OUT" \
     --experiment cuda_bf16 --no-attention-plot
-
-step compile 300 "$PY" benchmarks/throughput.py --device cuda --dtype bfloat16 --batch-size 256 --compile \
-    --modes train --models vit_posattn_small_patch16_224 --json "$OUT/bf16_compile.json" --overwrite
 
 cat "$OUT/summary.txt"

@@ -17,6 +17,9 @@ reported.
   infer: eval mode, torch.inference_mode(), forward only
   train: train mode, zero_grad + forward + cross-entropy + backward + AdamW step (timm.optim)
 
+With --compile every model is `torch.compile`d (default backend, static shapes) for each round; its first call, which
+compiles, is an untimed warm-up step whose seconds are reported (`compile_s`).
+
 Peak memory of one step, model-owned bytes only (parameters, buffers, gradients, optimizer state, caches, step
 activations and temporaries; the input batch is excluded), measured on an untimed step before the timed repeats
 (see `warm_up`):
@@ -226,6 +229,7 @@ class Runner:
     optimizer: Optional[torch.optim.Optimizer] = None
     scaler: Optional[Any] = None
     loss_fn: nn.Module = field(default_factory=nn.CrossEntropyLoss)
+    compiled: bool = False
 
     def step(self) -> None:
         if self.mode == 'infer':
@@ -286,8 +290,9 @@ def make_runner(
         optimizer = create_optimizer_v2(model, opt='adamw', lr=1e-4, weight_decay=0.05)
         if dtype == torch.float16:
             scaler = torch.amp.GradScaler(device.type)
-    runner_model = torch.compile(model) if compile_model else model
-    return Runner(runner_model, mode, device, inputs, targets, autocast, optimizer, scaler)
+    # static shapes: each round has one batch size, and both models of a round are compiled alike
+    runner_model = torch.compile(model, dynamic=False) if compile_model else model
+    return Runner(runner_model, mode, device, inputs, targets, autocast, optimizer, scaler, compiled=compile_model)
 
 
 def synchronize(device: torch.device) -> None:
@@ -418,20 +423,26 @@ def _as_batch_sizes(value: Union[None, int, Sequence[int]], default: Sequence[in
     return tuple(dict.fromkeys(sizes))  # in the given order, each once
 
 
-def warm_up(runner: Runner, warmup: int, measure_memory: bool) -> Optional[int]:
-    """Run the untimed steps; returns the step's peak memory (None if not measured), taken on one of them.
+def warm_up(runner: Runner, warmup: int, measure_memory: bool) -> Tuple[Optional[int], Optional[float]]:
+    """Run the untimed steps; returns the step's peak memory (None if not measured), taken on one of them, and for a
+    compiled model the seconds of its first call (compiling, then one step).
 
-    On the CPU an inference step allocates the same tensors on every call (nothing is cached), so the first step is
-    measured and counts as a warm-up step (the sweep's largest steps take many seconds). Otherwise the step after the
-    warm-up is measured: a training step once the optimizer state exists, a CUDA step once cuBLAS has its workspace.
+    On the CPU an eager inference step allocates the same tensors on every call (nothing is cached), so the first
+    step is measured and counts as a warm-up step (the sweep's largest steps take many seconds). Otherwise the step
+    after the warm-up is measured: a training step once the optimizer state exists, a CUDA step once cuBLAS has its
+    workspace, a compiled step once it is compiled.
     """
-    first = measure_memory and runner.mode == 'infer' and runner.device.type == 'cpu'
+    first = measure_memory and runner.mode == 'infer' and runner.device.type == 'cpu' and not runner.compiled
     peak = measure_peak_memory(runner) if first else None
-    for _ in range(warmup - int(first)):
-        runner.step()
+    compile_s = None
+    for i in range(warmup - int(first)):
+        if i == 0 and runner.compiled:
+            compile_s = time_steps(runner, 1)
+        else:
+            runner.step()
     if measure_memory and not first:
         peak = measure_peak_memory(runner)
-    return peak
+    return peak, compile_s
 
 
 def time_round_robin(runners: Sequence[Runner], repeats: int, iters: int, timer: str = 'wall') -> List[List[float]]:
@@ -508,8 +519,10 @@ def benchmark_pair(
             models = [m for _, m in candidates] + [base_model]
             # counted before anything moves to the device (the count runs on a meta copy)
             flops = [step_flops(m, mode, b) for m in models]
+            if compile_model:
+                torch._dynamo.reset()  # each round compiles afresh (and never hits the recompile limit)
             runners = [make_runner(m, mode, torch_device, DTYPES[dtype], b, seed, compile_model) for m in models]
-            peaks = [warm_up(runner, warmup, measure_memory) for runner in runners]
+            peaks, compile_s = zip(*[warm_up(runner, warmup, measure_memory) for runner in runners])
             seconds = time_round_robin(runners, repeats, iters, timer)
             img_per_s = [b * iters / statistics.median(s) for s in seconds]
             mb = [None if p is None else round(p / 2 ** 20, 2) for p in peaks]
@@ -543,6 +556,8 @@ def benchmark_pair(
                     timer=timer,
                     baseline_kind=baseline,
                     compile=compile_model,
+                    compile_s=None if compile_s[i] is None else round(compile_s[i], 1),
+                    baseline_compile_s=None if compile_s[-1] is None else round(compile_s[-1], 1),
                     seconds_per_repeat=[round(t, 6) for t in seconds[i]],
                     baseline_seconds_per_repeat=[round(t, 6) for t in seconds[-1]],
                     warmup=warmup,
@@ -597,14 +612,16 @@ def markdown_table(rows: Sequence[Dict[str, Any]]) -> str:
 
     speed ratio > 1: ours is faster (in brackets the range of the per-repeat ratios, each of adjacent runs);
     FLOP bound: the speed ratio arithmetic alone predicts (baseline FLOPs / ours); of bound: speed ratio / FLOP bound;
-    mem ratio < 1: ours needs less memory.
+    mem ratio < 1: ours needs less memory; with --compile, compile s: seconds of the first call (compiling, one step).
     """
     def fmt(v, spec):
         return '-' if v is None else format(v, spec)
+    compiled = any(r.get('compile') for r in rows)
     lines = [
         '| model | variant | baseline | img | N | mode | batch | img/s | baseline img/s | speed ratio (repeats) '
-        '| FLOP bound | of bound | peak MB | baseline peak MB | mem ratio |',
-        '|---|---|---|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|',
+        '| FLOP bound | of bound | peak MB | baseline peak MB | mem ratio |' + (' compile s | baseline compile s |'
+                                                                              if compiled else ''),
+        '|---|---|---|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|' + ('--:|--:|' if compiled else ''),
     ]
     for r in rows:
         lines.append(
@@ -612,7 +629,8 @@ def markdown_table(rows: Sequence[Dict[str, Any]]) -> str:
             f"{r['batch_size']} | {fmt(r['img_per_s'], '.1f')} | {fmt(r['baseline_img_per_s'], '.1f')} | "
             f"{fmt(r['ratio'], '.2f')}{_spread(r)} | {fmt(r.get('flop_ratio'), '.2f')} | "
             f"{fmt(r.get('ratio_of_bound'), '.2f')} | {fmt(r['peak_mem_mb'], '.0f')} | "
-            f"{fmt(r['baseline_peak_mem_mb'], '.0f')} | {fmt(r['mem_ratio'], '.2f')} |")
+            f"{fmt(r['baseline_peak_mem_mb'], '.0f')} | {fmt(r['mem_ratio'], '.2f')} |"
+            + (f" {fmt(r.get('compile_s'), '.1f')} | {fmt(r.get('baseline_compile_s'), '.1f')} |" if compiled else ''))
     return '\n'.join(lines)
 
 
@@ -657,14 +675,32 @@ CPU_TARGETS = (
 )
 
 
-def check_targets(rows: Sequence[Dict[str, Any]], targets: Sequence[Target] = CPU_TARGETS) -> List[Dict[str, Any]]:
-    """Each target against each row it applies to: the issue's setting only (ViT-S/16 vs timm, CPU, fp32, eager)."""
+# The same model and baseline both compiled by inductor (`--compile`), at 224 and 384 px (the operators issue)
+COMPILED_CPU_TARGETS = (
+    Target('compiled inference speed ratio >= 0.95 x FLOP bound (batch 8, 32)', 'posattn', 'infer', 'ratio_of_bound',
+           at_least=0.95, img_sizes=(224, 384), batch_sizes=(8, 32)),
+    Target('compiled training speed ratio >= 0.95 x FLOP bound (batch 8)', 'posattn', 'train', 'ratio_of_bound',
+           at_least=0.95, img_sizes=(224, 384), batch_sizes=(8,)),
+    Target('compiled inference peak memory <= 1.0x (batch 8, 32)', 'posattn', 'infer', 'mem_ratio', at_most=1.0,
+           img_sizes=(224, 384), batch_sizes=(8, 32)),
+    Target('compiled training peak memory <= 0.9x (batch 8)', 'posattn', 'train', 'mem_ratio', at_most=0.9,
+           img_sizes=(224, 384), batch_sizes=(8,)),
+)
+
+
+def check_targets(
+        rows: Sequence[Dict[str, Any]],
+        targets: Sequence[Target] = CPU_TARGETS,
+        compiled_targets: Sequence[Target] = COMPILED_CPU_TARGETS,
+) -> List[Dict[str, Any]]:
+    """Each target against each row it applies to: the issues' setting only (ViT-S/16 vs timm, CPU, fp32), eager rows
+    against `targets`, compiled rows against `compiled_targets`."""
     results = []
     for row in rows:
         if (row['model'].split('.')[0] != TARGET_MODEL or row['baseline_kind'] != 'timm' or row['device'] != 'cpu'
-                or row['dtype'] != 'float32' or row['compile']):
+                or row['dtype'] != 'float32'):
             continue
-        for target in targets:
+        for target in (compiled_targets if row['compile'] else targets):
             value = row.get(target.metric)
             if target.applies(row) and value is not None:
                 results.append(dict(target=target.text, img_size=row['img_size'], batch_size=row['batch_size'],

@@ -87,6 +87,27 @@ def test_reparameterized_variant_is_timed_in_the_same_round():
     assert throughput.default_batch_sizes((32, 32), 'train') == (128,)
 
 
+def test_compiled_rounds_report_compile_seconds(monkeypatch):
+    """--compile: both models of a round compiled alike (here aot_eager, to skip code generation), their first calls'
+    seconds reported, memory measured once compiled, the table showing both."""
+    compiled = []
+    real_compile = torch.compile
+
+    def compile_(model, **kwargs):
+        compiled.append(kwargs)
+        return real_compile(model, backend='aot_eager', **kwargs)
+    monkeypatch.setattr(torch, 'compile', compile_)
+    rows = throughput.benchmark_pair(TINY, batch_size=2, reparam_batch_size=(), warmup=2, repeats=1,
+                                     compile_model=True, model_kwargs=TINY_KWARGS)
+    assert compiled == [dict(dynamic=False)] * 4  # ours and timm's, inference and training
+    for row, mode in zip(rows, ('infer', 'train')):
+        _check_row(row, mode, 2)
+        assert row['compile'] and row['compile_s'] > 0 and row['baseline_compile_s'] > 0
+    table = throughput.markdown_table(rows).splitlines()
+    assert table[0].endswith('| mem ratio | compile s | baseline compile s |')
+    assert table[2].endswith(f"| {rows[0]['compile_s']:.1f} | {rows[0]['baseline_compile_s']:.1f} |")
+
+
 def test_image_size_sweep_builds_model_and_baseline_for_each_size():
     rows = throughput.benchmark_pair(TINY, modes=['infer'], batch_size=2, img_size=48, warmup=1, repeats=1,
                                      measure_memory=False, model_kwargs=TINY_KWARGS, timer='process')
@@ -241,6 +262,29 @@ def test_targets_are_read_off_the_issue_rows():
     text = throughput.targets_text(results)
     assert 'MISSED inference peak memory <= 1.0x: mem_ratio 1.01 at 384 px, batch 8' in text
     assert text.endswith('4 of 7 target checks met')
+
+
+def test_compiled_rows_are_checked_against_the_compiled_targets():
+    def row(mode, img, batch, **metrics):
+        return dict(model='vit_posattn_small_patch16_224', variant='posattn', mode=mode, img_size=img,
+                    batch_size=batch, baseline_kind='timm', device='cpu', dtype='float32', compile=True, **metrics)
+    rows = [
+        row('infer', 224, 8, ratio=1.2, ratio_of_bound=0.97, mem_ratio=1.02),
+        row('infer', 384, 32, ratio=1.2, ratio_of_bound=0.94, mem_ratio=0.99),
+        row('infer', 224, 1, ratio=1.0, ratio_of_bound=1.0, mem_ratio=1.1),  # no compiled target at batch 1
+        row('train', 384, 8, ratio=1.2, ratio_of_bound=1.01, mem_ratio=0.91),
+        row('train', 512, 8, ratio=1.2, ratio_of_bound=0.5, mem_ratio=2.0),  # nor at 512 px
+    ]
+    got = {(r['target'].split(' >=')[0].split(' <=')[0], r['img_size'], r['batch_size']): r['met']
+           for r in throughput.check_targets(rows)}
+    assert got == {
+        ('compiled inference speed ratio', 224, 8): True,
+        ('compiled inference peak memory', 224, 8): False,
+        ('compiled inference speed ratio', 384, 32): False,
+        ('compiled inference peak memory', 384, 32): True,
+        ('compiled training speed ratio', 384, 8): True,
+        ('compiled training peak memory', 384, 8): False,
+    }
 
 
 def test_markdown_table_one_line_per_row():

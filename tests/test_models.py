@@ -9,8 +9,8 @@ import timm
 from safetensors.torch import save_file
 
 import timm_posattn  # noqa: F401  (registers the models)
-from timm_posattn.layers import (
-    PositionalAttention, PositionalBlock, apply_positional_attention, positional_attention_proj)
+from timm_posattn.layers import PositionalAttention, PositionalBlock, apply_positional_attention
+from timm_posattn.lean_attention import positional_attention_proj
 from timm_posattn.vit_posattn import StandardBlock
 
 FULL_NAMES = [
@@ -33,14 +33,21 @@ def _small(**kwargs):
 
 
 def _collect_block_attention(model, x):
-    """The attention matrix each positional block uses during a forward."""
+    """The attention matrix each positional block uses during a forward, seen by a hook on its map: the plain ops'
+    forward (the lean operators build A inside, head by head, where no hook sees it; the operators' tests check that
+    they compute what the plain ops compute)."""
     seen = []
-    hooks = [
-        blk.attn.pos_map.register_forward_hook(lambda m, args, out: seen.append(out.detach().clone()))
-        for blk in model.blocks if isinstance(blk, PositionalBlock)]
-    model(x)
-    for h in hooks:
-        h.remove()
+    blocks = [blk for blk in model.blocks if isinstance(blk, PositionalBlock)]
+    hooks = [blk.attn.pos_map.register_forward_hook(lambda m, args, out: seen.append(out.detach().clone()))
+             for blk in blocks]
+    for blk in blocks:
+        blk.attn.lean = False
+    try:
+        model(x)
+    finally:
+        for blk, h in zip(blocks, hooks):
+            blk.attn.lean = True
+            h.remove()
     return seen
 
 
@@ -198,30 +205,6 @@ def test_recomputing_attention_output_gradcheck_and_double_backward():
     assert torch.autograd.gradgradcheck(fn, args)
 
 
-def _saved_bytes(fn):
-    """Bytes of distinct storages autograd keeps for backward while `fn` runs."""
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values())
-
-
-def test_recomputing_attention_output_stores_one_activation_less():
-    block = PositionalBlock(32, num_heads=4, grid_size=(3, 3))
-    x, pos = torch.randn(6, 10, 32), torch.randn(1, 10, 32, requires_grad=True)
-    block.attn.recompute_attn_out = False
-    stored = _saved_bytes(lambda: block(x, pos, (3, 3)))
-    block.attn.recompute_attn_out = True
-    recomputed = _saved_bytes(lambda: block(x, pos, (3, 3)))
-    assert stored - recomputed == x.numel() * x.element_size()
-    with torch.no_grad():  # no autograd, nothing to save: the plain path
-        assert _saved_bytes(lambda: block(x, pos, (3, 3))) == 0
-
-
 def test_recomputing_attention_output_under_bf16_autocast():
     g = torch.Generator().manual_seed(0)
     attn = torch.softmax(torch.randn(3, 9, 9, generator=g), -1)
@@ -240,22 +223,23 @@ def test_recomputing_attention_output_under_bf16_autocast():
 
 
 def test_per_sample_gradients_with_torch_func():
-    """vmap(grad(...)) (per-sample gradients, as in DP-SGD) runs the recompute path and matches plain autograd."""
+    """vmap(grad(...)) (per-sample gradients, as in DP-SGD) works on the model as built (torch.func transforms run
+    the plain ops: they do not support custom operators' autograd) and gives what ordinary autograd through the lean
+    operators gives for each image alone."""
     from torch.func import functional_call, grad, vmap
     model = _small(depth=1, embed_dim=24, num_heads=2)
+    assert model.blocks[0].attn.lean
     params = {k: v.detach() for k, v in model.named_parameters()}
     x, y = torch.randn(3, 3, 32, 32), torch.randint(0, 5, (3,))
 
     def loss(p, xi, yi):
         return F.cross_entropy(functional_call(model, p, (xi.unsqueeze(0),)), yi.unsqueeze(0))
-    per_sample = {}
-    for recompute in (False, True):
-        model.blocks[0].attn.recompute_attn_out = recompute
-        per_sample[recompute] = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
-    for name, g in per_sample[True].items():
-        torch.testing.assert_close(g, per_sample[False][name], msg=name)
-    one = grad(loss)(params, x[1], y[1])['blocks.0.attn.proj.weight']
-    torch.testing.assert_close(per_sample[True]['blocks.0.attn.proj.weight'][1], one)
+    per_sample = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    for i in range(3):
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(per_sample[name][i], p.grad, msg=name)
 
 
 def test_attention_maps_need_no_image():

@@ -13,6 +13,9 @@ A new variant is one subclass of `PositionalAttentionMap` that implements `logit
 checkpoint of another variant can be converted, `filter_state_dict()`), registered with one line,
 `@register_pos_attn_layer('name')`. Everything else (reparameterization, resolution changes through `set_grid_size`,
 attention maps, checkpoint loading) goes through these methods.
+
+How a block applies A without keeping it (and the normalized tokens, and A·V) for backward lives in `lean_attention`:
+`PositionalAttention.forward` runs its operators, or with `lean=False` the plain ops.
 """
 import logging
 import math
@@ -24,26 +27,19 @@ import torch.nn.functional as F
 
 from timm.layers import DropPath, LayerNorm, LayerScale, Mlp, trunc_normal_
 
+from .lean_attention import apply_positional_attention, forward_lean, head_attention, use_lean_ops
+
 __all__ = [
     'PositionalAttentionMap', 'QKAttentionMap', 'TiedAttentionMap', 'LogitsAttentionMap', 'FixedAttentionMap',
     'PositionalAttention', 'PositionalBlock', 'register_pos_attn_layer', 'get_pos_attn_layer',
-    'list_pos_attn_layers', 'infer_pos_attn_layer', 'apply_positional_attention', 'apply_attention_by_head',
-    'attend_one_image', 'head_attention', 'positional_attention_proj', 'resample_logit_table',
+    'list_pos_attn_layers', 'infer_pos_attn_layer', 'apply_positional_attention', 'head_attention',
+    'resample_logit_table',
 ]
 
 _logger = logging.getLogger(__name__)
 
 GridSize = Tuple[int, int]
 PosSource = Callable[[], Tuple[torch.Tensor, GridSize]]
-
-# FX symbolic tracing turns parameters into proxies: the custom autograd path is for eager autograd only.
-_is_fx_tracing = getattr(torch.fx._symbolic_trace, 'is_fx_symbolic_tracing', torch.fx._symbolic_trace.is_fx_tracing)
-
-
-def _is_tracing() -> bool:
-    """FX or TorchScript tracing (which ONNX export uses): record the plain ops, valid for any batch size."""
-    return _is_fx_tracing() or torch.jit.is_tracing()
-
 
 # --------------------------------------------------------------------------------------------------------------------
 # Registry
@@ -489,242 +485,6 @@ class FixedAttentionMap(PositionalAttentionMap):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Applying a batch-shared attention
-
-
-def _to_heads(t: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Tokens (B, N, C) -> head-major (H, N, B·d_head): per head, one matrix with the batch folded into the columns."""
-    B, N, C = t.shape
-    return t.view(B, N, num_heads, C // num_heads).permute(2, 1, 0, 3).reshape(num_heads, N, B * (C // num_heads))
-
-
-def _from_heads(t: torch.Tensor, batch_size: int, channels: int) -> torch.Tensor:
-    """Head-major (H, N, B·d_head) -> tokens (B, N, C); the inverse of `_to_heads` (sizes explicit: B may be 0)."""
-    H, N = t.shape[0], t.shape[1]
-    return t.view(H, N, batch_size, channels // H).permute(2, 1, 0, 3).reshape(batch_size, N, channels)
-
-
-def apply_positional_attention(attn: torch.Tensor, v: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Apply per-head attention (H, N, N), shared by the whole batch, to values (B, N, C).
-
-    The batch is folded into the GEMM's columns: one (N, N) @ (N, B·d_head) matmul per head, all heads in one bmm.
-    This never materializes a (B, H, N, N) tensor and keeps the GEMMs large.
-    """
-    # the head-major copy of v is a temporary, freed as soon as the bmm returns
-    return _from_heads(torch.bmm(attn.to(v.dtype), _to_heads(v, num_heads)), v.shape[0], v.shape[2])
-
-
-def head_attention(query_key: Tuple[torch.Tensor, torch.Tensor], head: int) -> torch.Tensor:
-    """One head's attention (N, N) from positional queries and keys (H, N, d).
-
-    The one definition that inference without autograd and `PositionalAttention.reparameterize()` share, so a
-    reparameterized model computes exactly what the model computed.
-    """
-    q, k = query_key
-    return (q[head] @ k[head].transpose(0, 1)).softmax(dim=-1)
-
-
-def apply_attention_by_head(
-        attn_of_head: Callable[[int], torch.Tensor],
-        v: torch.Tensor,
-        num_heads: int,
-) -> torch.Tensor:
-    """Apply per-head attention, shared by the whole batch, to values (B, N, C), one head at a time (no autograd).
-
-    The same (N, N) @ (N, B·d_head) GEMM per head as `apply_positional_attention`, but `attn_of_head(h)` may build
-    each head's A just before it is used, so that only one head's (N, N) matrix ever exists: at high resolution and
-    small batches the full (H, N, N) would outweigh the activations of a whole block.
-    """
-    B, N, C = v.shape
-    v_heads = _to_heads(v, num_heads)
-    del v  # the head-major copy is all the loop needs
-    out = torch.empty_like(v_heads)
-    for h in range(num_heads):
-        torch.mm(attn_of_head(h).to(v_heads.dtype), v_heads[h], out=out[h])
-    return _from_heads(out, B, C)
-
-
-def attend_one_image(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """softmax(q·kᵀ)·V for a batch of one image (1, N, C): nothing to share, so timm's fused SDPA kernel does it
-    without ever materializing A (the scale is already in q)."""
-    N, C = v.shape[1], v.shape[2]
-    v = v.view(1, N, num_heads, C // num_heads).transpose(1, 2)
-    out = F.scaled_dot_product_attention(q.unsqueeze(0).to(v.dtype), k.unsqueeze(0).to(v.dtype), v, scale=1.0)
-    return out.transpose(1, 2).reshape(1, N, C)
-
-
-class _PositionalAttentionProj(torch.autograd.Function):
-    """`proj(apply_positional_attention(attn, v))` that stores neither A·V nor, given q and k, A for backward.
-
-    Without a projection (`weight` None) it is `apply_positional_attention(attn, v)` alone, for the q and k path.
-
-    Autograd would keep the mixed tokens A·V (B, N, C) alive for the projection's weight gradient. Here A is shared
-    by the whole batch, so backward recomputes A·V with one bmm (under 2% of a CPU training step) and each positional
-    block stores one (B, N, C) activation less. Given the positional queries and keys that A = softmax(q·kᵀ) came
-    from, `attn` is only used forward and backward recomputes it from q and k (N·N·C multiply-adds once per batch):
-    each block keeps 2·N·C numbers instead of H·N² (at 512 px, 25 MB per block). The backward uses plain
-    differentiable ops, so double backward works. All matmuls run in the dtype of `v` (the autocast compute dtype).
-    """
-    generate_vmap_rule = True  # torch.func transforms (e.g. per-sample gradients with vmap(grad(...))) work too
-
-    @staticmethod
-    def forward(
-            attn: torch.Tensor,
-            v: torch.Tensor,
-            weight: Optional[torch.Tensor],
-            bias: Optional[torch.Tensor],
-            num_heads: int,
-            q: Optional[torch.Tensor] = None,
-            k: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
-        x = apply_positional_attention(attn, v, num_heads)
-        if weight is None:
-            return x
-        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        attn, v, weight, bias, num_heads, q, k = (tuple(inputs) + (None, None))[:7]
-        ctx.num_inputs = len(inputs)
-        ctx.num_heads = num_heads
-        ctx.has_bias = bias is not None
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.attn_dtype = attn.dtype
-        ctx.from_query_key = q is not None
-        if q is not None:
-            ctx.save_for_backward(q, k, v, weight)
-        else:
-            ctx.save_for_backward(attn, v, weight)
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        device_type = grad_out.device.type
-        if device_type in ('cpu', 'cuda') and torch.is_autocast_enabled(device_type):
-            with torch.autocast(device_type, enabled=False):  # keep the forward's compute dtype
-                return _positional_attention_proj_backward(ctx, grad_out)
-        return _positional_attention_proj_backward(ctx, grad_out)
-
-
-def _positional_attention_proj_backward(ctx, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
-    """Gradients of `_PositionalAttentionProj` for (attn, v, weight, bias, num_heads, q, k), in the dtype of `v`."""
-    if ctx.from_query_key:
-        q, k, v, weight = ctx.saved_tensors
-        # A exactly as the forward built it: logits in the dtype of q and k, softmax in the dtype of A
-        attn = (q @ k.transpose(-2, -1)).to(ctx.attn_dtype).softmax(dim=-1)
-        needs_attn_grad = ctx.needs_input_grad[5] or ctx.needs_input_grad[6]
-    else:
-        attn, v, weight = ctx.saved_tensors
-        q = k = None
-        needs_attn_grad = ctx.needs_input_grad[0]
-    B, N, C = v.shape
-    dtype = v.dtype
-    grad_out = grad_out.to(dtype)
-    attn_c = attn.to(dtype)
-    grad_attn = grad_v = grad_weight = grad_bias = grad_q = grad_k = None
-    if weight is not None and ctx.needs_input_grad[2]:
-        x = apply_positional_attention(attn_c, v, ctx.num_heads)  # the recompute
-        grad_weight = (grad_out.reshape(B * N, C).t() @ x.reshape(B * N, C)).to(weight.dtype)
-    if ctx.has_bias and ctx.needs_input_grad[3]:
-        grad_bias = grad_out.sum(dim=(0, 1), dtype=ctx.bias_dtype)
-    if needs_attn_grad or ctx.needs_input_grad[1]:
-        grad_mixed = grad_out if weight is None else grad_out @ weight.to(dtype)
-        if needs_attn_grad:
-            grad_attn = torch.bmm(_to_heads(grad_mixed, ctx.num_heads), _to_heads(v, ctx.num_heads).transpose(1, 2))
-            grad_attn = grad_attn.to(attn.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_v = apply_positional_attention(attn_c.transpose(1, 2), grad_mixed, ctx.num_heads)
-    if ctx.from_query_key and grad_attn is not None:
-        # softmax backward, then the product q·kᵀ
-        grad_logits = (attn * (grad_attn - (grad_attn * attn).sum(dim=-1, keepdim=True))).to(q.dtype)
-        grad_q = grad_logits @ k if ctx.needs_input_grad[5] else None
-        grad_k = grad_logits.transpose(-2, -1) @ q if ctx.needs_input_grad[6] else None
-        grad_attn = None
-    return (grad_attn, grad_v, grad_weight, grad_bias, None, grad_q, grad_k)[:ctx.num_inputs]
-
-
-@torch.jit.unused
-def positional_attention_proj(
-        attn: torch.Tensor,
-        v: torch.Tensor,
-        weight: Optional[torch.Tensor],
-        bias: Optional[torch.Tensor],
-        num_heads: int,
-        query_key: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-) -> torch.Tensor:
-    """`linear(apply_positional_attention(attn, v), weight, bias)` that recomputes A·V in backward, not stores it.
-
-    With `query_key` (q, k such that attn = softmax(q @ kᵀ)), gradients flow to q and k, not to `attn` (pass it
-    detached): A itself is recomputed in backward instead of stored. `weight` None: no projection.
-    """
-    if query_key is None:
-        return _PositionalAttentionProj.apply(attn, v, weight, bias, num_heads)
-    return _PositionalAttentionProj.apply(attn, v, weight, bias, num_heads, query_key[0], query_key[1])
-
-
-class _LayerNormLinear(torch.autograd.Function):
-    """`linear(layer_norm(x))` that keeps x, not its normalized copy, for backward.
-
-    Autograd would store both x (for the norm's backward) and layer_norm(x) (for the linear's weight gradient).
-    Backward renormalizes x instead (one elementwise pass), so a positional block, whose value projection is the only
-    consumer of its first norm, stores one (B, N, C) activation less. Norm in the dtype of x, the linear in the dtype
-    autocast gave the forward's output; plain differentiable ops, so double backward and torch.func work.
-    """
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(
-            x: torch.Tensor,
-            norm_weight: Optional[torch.Tensor],
-            norm_bias: Optional[torch.Tensor],
-            eps: float,
-            weight: torch.Tensor,
-            bias: Optional[torch.Tensor],
-    ) -> torch.Tensor:
-        return F.linear(F.layer_norm(x, x.shape[-1:], norm_weight, norm_bias, eps), weight, bias)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        x, norm_weight, norm_bias, eps, weight, bias = inputs
-        ctx.eps = eps
-        ctx.has_bias = bias is not None
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.save_for_backward(x, norm_weight, norm_bias, weight)
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        device_type = grad_out.device.type
-        if device_type in ('cpu', 'cuda') and torch.is_autocast_enabled(device_type):
-            with torch.autocast(device_type, enabled=False):  # keep the forward's dtypes
-                return _layer_norm_linear_backward(ctx, grad_out)
-        return _layer_norm_linear_backward(ctx, grad_out)
-
-
-def _layer_norm_linear_backward(ctx, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
-    x, norm_weight, norm_bias, weight = ctx.saved_tensors
-    C, out_features = x.shape[-1], weight.shape[0]
-    x_norm, mean, rstd = torch.native_layer_norm(x, (C,), norm_weight, norm_bias, ctx.eps)  # the recompute
-    dtype = grad_out.dtype  # the linear's compute dtype
-    grad_x = grad_norm_weight = grad_norm_bias = grad_weight = grad_bias = None
-    if ctx.needs_input_grad[4]:
-        grad_weight = (grad_out.reshape(-1, out_features).t() @ x_norm.reshape(-1, C).to(dtype)).to(weight.dtype)
-    if ctx.has_bias and ctx.needs_input_grad[5]:
-        grad_bias = grad_out.reshape(-1, out_features).sum(dim=0, dtype=ctx.bias_dtype)
-    mask = [ctx.needs_input_grad[0], norm_weight is not None and ctx.needs_input_grad[1],
-            norm_bias is not None and ctx.needs_input_grad[2]]
-    if any(mask):
-        grad_x_norm = (grad_out @ weight.to(dtype)).to(x_norm.dtype)
-        grad_x, grad_norm_weight, grad_norm_bias = torch.ops.aten.native_layer_norm_backward(
-            grad_x_norm, x, [C], mean, rstd, norm_weight, norm_bias, mask)
-    return grad_x, grad_norm_weight, grad_norm_bias, None, grad_weight, grad_bias
-
-
-@torch.jit.unused
-def layer_norm_linear(x: torch.Tensor, norm: nn.LayerNorm, linear: nn.Linear) -> torch.Tensor:
-    """`linear(norm(x))` for a plain LayerNorm over the last dimension, storing x rather than norm(x) for backward."""
-    return _LayerNormLinear.apply(x, norm.weight, norm.bias, norm.eps, linear.weight, linear.bias)
-
-
-# --------------------------------------------------------------------------------------------------------------------
 # Attention and block
 
 
@@ -735,6 +495,10 @@ class PositionalAttention(nn.Module):
     every image are mixed by that one A. There is no cache: A always comes from the current parameters, unless the
     layer was reparameterized for inference (`reparameterize()`, called by `timm.utils.reparameterize_model`), which
     bakes A into a buffer and drops the parameters that only compute it.
+
+    With `lean` (the default) the forward runs the operators of `lean_attention`, which keep neither A nor A·V for
+    backward and, without autograd, build A one head at a time; `lean=False` runs the plain ops, as TorchScript, FX
+    and jit tracing (ONNX export), torch.export and torch.func transforms always do. Both compute the same function.
     """
 
     def __init__(
@@ -750,6 +514,7 @@ class PositionalAttention(nn.Module):
             attn_drop: float = 0.,
             proj_drop: float = 0.,
             norm_layer: Type[nn.Module] = LayerNorm,
+            lean: bool = True,
             device=None,
             dtype=None,
     ) -> None:
@@ -766,6 +531,7 @@ class PositionalAttention(nn.Module):
             attn_drop: Dropout on the attention matrix (one mask for the whole batch).
             proj_drop: Dropout after the output projection.
             norm_layer: Normalization layer for `pos_norm`.
+            lean: Run the memory-lean operators (`lean_attention`); False: the plain ops.
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
@@ -780,82 +546,19 @@ class PositionalAttention(nn.Module):
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
-        # Recompute A·V in backward rather than store it: one (B, N, C) activation less per block, one extra bmm.
-        # (A itself is never stored for layers with positional queries and keys: backward recomputes it from them.)
-        self.recompute_attn_out = True
+        self.lean = lean
         # Set by the model that owns this layer: returns (positional table, grid) of the model's own grid, so that
         # reparameterize() (which timm calls without arguments) can compute A. A bound method of the model, so deep
         # copies (EMA, reparameterize_model) follow the copy.
         self.pos_source: Optional[PosSource] = None
 
-    def _values(self, x: torch.Tensor, values_given: bool) -> torch.Tensor:
-        return x if values_given else self.v(x)
-
-    @torch.jit.unused
-    def _forward_lean(
-            self,
-            x: torch.Tensor,
-            pos: torch.Tensor,
-            grid_size: GridSize,
-            values_given: bool = False,
-    ) -> Optional[torch.Tensor]:
-        """The forward that never holds A for longer than it must; None where it does not apply and the plain forward
-        runs: FX or TorchScript tracing (ONNX export), torch.compile training (which plans its own recomputation), and
-        training with attention dropout but without the A·V recompute.
-
-        Without autograd, A is built and applied one head at a time (a single image goes through SDPA). With eager
-        autograd, A is recomputed in backward from the positional q and k instead of stored, and with
-        `recompute_attn_out` (and a plain Linear projection) so is A·V.
-        """
-        if _is_tracing():
-            return None
-        dropout = self.training and self.attn_drop.p > 0  # a dropped A cannot be rebuilt head by head or in backward
-        # self.v(x) is passed straight on, never bound to a name: the values are freed as soon as they are mixed
-        if not torch.is_grad_enabled():
-            if dropout:
-                return None
-            query_key = self.pos_map.query_key(pos, grid_size)
-            if query_key is not None and x.shape[0] == 1:
-                return self.proj(attend_one_image(
-                    query_key[0], query_key[1], self._values(x, values_given), self.num_heads))
-            if query_key is not None:
-                attn_of_head = lambda h: head_attention(query_key, h)  # noqa: E731
-            else:
-                attn = self.pos_map(pos, grid_size)
-                attn_of_head = attn.__getitem__
-            return self.proj(apply_attention_by_head(attn_of_head, self._values(x, values_given), self.num_heads))
-        if torch.compiler.is_compiling():
-            return None
-        fuse_proj = self.recompute_attn_out and type(self.proj) is nn.Linear
-        query_key = None if dropout else self.pos_map.query_key(pos, grid_size)
-        if query_key is None:
-            if not fuse_proj:
-                return None
-            attn = self.attn_drop(self.pos_map(pos, grid_size))
-        else:
-            with torch.no_grad():  # used forward only: backward recomputes it from q and k
-                attn = self.pos_map(pos, grid_size, query_key=(query_key[0].detach(), query_key[1].detach()))
-        if fuse_proj:
-            return positional_attention_proj(
-                attn, self._values(x, values_given), self.proj.weight, self.proj.bias, self.num_heads, query_key)
-        return self.proj(positional_attention_proj(attn, self._values(x, values_given), None, None, self.num_heads,
-                                                   query_key))
-
-    def forward(
-            self,
-            x: torch.Tensor,
-            pos: torch.Tensor,
-            grid_size: GridSize,
-            values_given: bool = False,
-    ) -> torch.Tensor:
-        """x: normalized tokens (B, N, C), or with `values_given` their value projection already (the block's
-        norm-recompute path computes it)."""
-        if not torch.jit.is_scripting():
-            out = self._forward_lean(x, pos, grid_size, values_given)
-            if out is not None:
-                return self.proj_drop(out)
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, grid_size: GridSize) -> torch.Tensor:
+        """x: normalized tokens (B, N, C); pos: the positional table (1, N, C) of `grid_size`."""
+        if not torch.jit.is_scripting():  # TorchScript compiles only the plain ops
+            if self.lean and use_lean_ops():
+                return forward_lean(self, x, pos, grid_size)
         attn = self.attn_drop(self.pos_map(pos, grid_size))
-        x = self.proj(apply_positional_attention(attn, self._values(x, values_given), self.num_heads))
+        x = self.proj(apply_positional_attention(attn, self.v(x), self.num_heads))
         return self.proj_drop(x)
 
     @torch.jit.ignore
@@ -880,8 +583,9 @@ class PositionalAttention(nn.Module):
             query_key = self.pos_map.query_key(pos, grid_size)
             if query_key is None:
                 attn = self.pos_map(pos, grid_size).detach().clone()
-            else:  # head by head, exactly as the forward without autograd builds it
+            else:  # head by head, exactly as the lean forward builds it
                 attn = torch.stack([head_attention(query_key, h) for h in range(self.num_heads)])
+                attn = attn.to(query_key[0].dtype)
         self.pos_map = FixedAttentionMap(attn, grid_size, self.pos_map.num_prefix_tokens)
 
     @torch.jit.ignore
@@ -966,26 +670,16 @@ class PositionalBlock(nn.Module):
         )
         self.ls2 = LayerScale(dim, init_values=init_values, **dd) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        # Recompute norm1(x) in backward rather than store it (eager autograd, plain LayerNorm and value Linear):
-        # one (B, N, C) activation less per block, one elementwise pass more. norm1 and attn.v then run inside
-        # `layer_norm_linear` (their own forward hooks do not fire); attn is called with the values.
-        self.recompute_norm = True
-
-    @torch.jit.unused
-    def _recompute_norm(self) -> bool:
-        if not (self.recompute_norm and torch.is_grad_enabled()) or _is_tracing() or torch.compiler.is_compiling():
-            return False
-        norm = self.norm1
-        return (type(norm) in (nn.LayerNorm, LayerNorm) and not getattr(norm, '_fast_norm', False)
-                and len(norm.normalized_shape) == 1 and type(self.attn.v) is nn.Linear)
 
     def _attention(self, x: torch.Tensor, pos: torch.Tensor, grid_size: GridSize) -> torch.Tensor:
-        """attn(norm1(x)), through `layer_norm_linear` when norm1 is recomputed in backward.
+        """attn(norm1(x)). The lean operators take norm1 in: the value projection's operator normalizes x itself and
+        recomputes norm1(x) in backward rather than storing it (forward hooks on norm1 and attn then do not fire).
 
         Returned, never bound to a name in `forward`: the output is freed by the residual add, before the MLP runs.
         """
-        if not torch.jit.is_scripting() and self._recompute_norm():
-            return self.attn(layer_norm_linear(x, self.norm1, self.attn.v), pos, grid_size, values_given=True)
+        if not torch.jit.is_scripting():
+            if self.attn.lean and use_lean_ops():
+                return forward_lean(self.attn, x, pos, grid_size, norm=self.norm1)
         return self.attn(self.norm1(x), pos, grid_size)
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, grid_size: GridSize) -> torch.Tensor:
