@@ -45,7 +45,6 @@ import torch
 import torch.nn as nn
 
 import timm
-from timm.layers import LayerScale
 from timm.optim import create_optimizer_v2
 from timm.utils import ParseKwargs, reparameterize_model
 
@@ -66,6 +65,8 @@ timm_posattn = _import_posattn()
 from timm_posattn.cli import ArgumentParser, UsageError, int_range, one_line, run_command  # noqa: E402
 from timm_posattn.flops import FlopCounter  # noqa: E402
 from timm_posattn.machine import cpu_name  # noqa: E402
+from timm_posattn.memory import cpu_allocator_peak  # noqa: E402
+from timm_posattn.vit_posattn import vit_arch_kwargs  # noqa: E402
 from timm_posattn.outputs import OutputFolder  # noqa: E402
 
 
@@ -100,39 +101,6 @@ def num_tokens(model: nn.Module) -> int:
 
 # --------------------------------------------------------------------------------------------------------------------
 # Matching baselines
-
-
-def vit_arch_kwargs(model: nn.Module) -> Dict[str, Any]:
-    """Architecture kwargs of a built timm-style ViT (ours or timm's), read from its modules.
-
-    Reading the built module rather than a name keeps the baseline identical to our model whatever kwargs it was
-    created with, and the same function applied to the baseline verifies the match.
-    """
-    if not hasattr(model, 'blocks') or not hasattr(model, 'patch_embed'):
-        raise ValueError(f'{type(model).__name__} is not a timm-style ViT (expected .blocks and .patch_embed)')
-    block = model.blocks[0]
-    attn = block.attn
-    value_proj = attn.v if hasattr(attn, 'v') else attn.qkv  # ours has a separate value projection
-    init_values = None
-    if isinstance(block.ls1, LayerScale):
-        init_values = round(float(block.ls1.gamma.detach().flatten()[0]), 8)
-    return dict(
-        img_size=tuple(model.patch_embed.img_size),
-        patch_size=tuple(model.patch_embed.patch_size),
-        in_chans=model.patch_embed.proj.in_channels,
-        num_classes=model.num_classes,
-        global_pool=model.global_pool,
-        embed_dim=model.embed_dim,
-        depth=len(model.blocks),
-        num_heads=attn.num_heads,
-        mlp_ratio=block.mlp.fc1.out_features / model.embed_dim,
-        qkv_bias=value_proj.bias is not None,
-        proj_bias=attn.proj.bias is not None,
-        init_values=init_values,
-        class_token=getattr(model, 'cls_token', None) is not None,
-        fc_norm=not isinstance(model.fc_norm, nn.Identity),
-        dynamic_img_size=bool(getattr(model, 'dynamic_img_size', False)),
-    )
 
 
 def timm_vit_name(model_name: str) -> str:
@@ -362,29 +330,6 @@ def _unique_bytes(tensors: Sequence[torch.Tensor], device: torch.device) -> int:
 
 def memory_method(device: torch.device) -> str:
     return 'cuda_max_memory_allocated' if device.type == 'cuda' else 'cpu_allocator_peak_torch_profiler'
-
-
-def cpu_allocator_peak(fn: Callable[[], None]) -> int:
-    """Highest net bytes the CPU tensor allocator held above its starting point while `fn` ran.
-
-    Replays the allocation/free events torch.profiler records with profile_memory=True (every c10 CPU allocation,
-    scratch buffers inside ops included). It does not see memory that bypasses the tensor allocator (e.g. the
-    oneDNN primitive cache) nor allocator fragmentation, so it is a lower bound on RSS growth.
-    """
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    try:
-        events = prof.profiler.kineto_results.events()
-    except AttributeError as e:  # private profiler API; fail loudly rather than report zeros
-        raise RuntimeError(f'this torch ({torch.__version__}) does not expose profiler memory events: {e}') from e
-    allocations = sorted(
-        (e.start_ns(), e.nbytes()) for e in events if e.name() == '[memory]' and e.device_type().name == 'CPU')
-    live = peak = 0
-    for _, nbytes in allocations:
-        live += nbytes
-        peak = max(peak, live)
-    return peak
 
 
 def measure_peak_memory(runner: Runner) -> int:
@@ -845,6 +790,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if args.img_size and 'img_size' in args.model_kwargs:
         raise UsageError('give the image size with --img-size or in --model-kwargs, not both')
     require_models(args.models, args.img_size or [None], args.model_kwargs)
+    if args.json and args.plot and os.path.abspath(args.json) == os.path.abspath(args.plot):
+        raise UsageError(f'--json and --plot both name {args.json}: give two files (the rows and the figure)')
     outputs = [claim_output(path, args.overwrite) for path in (args.json, args.plot) if path]  # refuse before the run
     if args.num_threads is not None:
         torch.set_num_threads(args.num_threads)
@@ -899,5 +846,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     return payload
 
 
+def run(argv: Optional[Sequence[str]] = None) -> int:
+    """Command-line entry; returns the exit code (2 and one line on stderr for an error the user can fix)."""
+    return run_command(lambda: main(argv), argv)
+
+
 if __name__ == '__main__':
-    sys.exit(run_command(main))
+    sys.exit(run())

@@ -7,6 +7,7 @@ import timm
 
 import timm_posattn  # noqa: F401  (registers the models)
 from timm_posattn.layers import PositionalAttention, PositionalBlock
+from timm_posattn.memory import cpu_allocator_peak
 from timm_posattn.lean_attention import layer_norm_linear, positional_attention_proj
 
 SMALL = 'vit_posattn_tiny_patch4_32'
@@ -145,19 +146,6 @@ def test_inference_allocates_at_most_one_head_of_attention(layer, batch):
         assert biggest < heads * tokens * tokens * 4
 
 
-def _allocator_peak(fn):
-    """Highest net bytes the CPU tensor allocator holds above its start while `fn` runs (profiler memory events)."""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    live = peak = 0
-    for _, nbytes in sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                            if e.name() == '[memory]'):
-        live += nbytes
-        peak = max(peak, live)
-    return peak
-
-
 @pytest.mark.parametrize('batch', [1, 4])
 def test_inference_block_peak_is_not_above_timm_block(batch):
     """Without autograd a positional block needs no more memory than timm's block of the same size: its attention
@@ -169,6 +157,6 @@ def test_inference_block_peak_is_not_above_timm_block(batch):
     x, pos = torch.randn(batch, tokens, dim), torch.randn(1, tokens, dim)
     with torch.no_grad():
         ours(x, pos, (4, 4)), theirs(x)  # first calls out of the way
-        peak = _allocator_peak(lambda: ours(x, pos, (4, 4)))
-        timm_peak = _allocator_peak(lambda: theirs(x))
+        peak = cpu_allocator_peak(lambda: ours(x, pos, (4, 4)))
+        timm_peak = cpu_allocator_peak(lambda: theirs(x))
     assert peak <= timm_peak

@@ -3,8 +3,7 @@ its id. Each checks the mechanism that now holds (claim, manifest, run id, set c
 before work), on a tiny trained run and its published folder.
 
 Cases tested elsewhere: O5 (test_train.py::test_overwrite_removes_only_the_previous_runs_files), N1
-(test_cli_policy.py, --lr 1e39), V5 and V6 (test_visualize.py::test_plot_rejects_bad_requests), B6
-(test_benchmark_script.py).
+(test_cli_policy.py, --lr 1e39), V5 and V6 (test_visualize.py::test_plot_rejects_bad_requests).
 """
 import errno
 import fcntl
@@ -550,3 +549,12 @@ def test_manifest_lists_what_a_run_wrote_and_the_lock_is_free_after_it(trained):
     assert read_manifest(pub, 'publish')['files'] == ['README.md', 'config.json', 'model.safetensors']
     atomic_write(str(base / 'unrelated.txt'), lambda f: f.write(b'x'))  # a user's file: never listed
     assert 'unrelated.txt' not in read_manifest(base, 'train')['files']
+
+
+def test_B6_throughput_refuses_one_file_for_the_rows_and_the_figure(tmp_path, capsys):
+    import throughput
+    same = str(tmp_path / 'same.out')
+    argv = ['--models', MODEL, '--img-size', '32', '--json', same, '--plot', same]
+    assert throughput.run(argv) == 2
+    assert_one_line_error(2, capsys.readouterr().err, '--json and --plot both name')
+    assert list(tmp_path.iterdir()) == []

@@ -38,7 +38,9 @@ from .loading import PREPROCESSING_KEYS, load_model, make_checkpoint, read_check
 from .outputs import FolderClaim, OutputFolder
 from .plots import pyplot
 from .published import check_finite
-from .vit_posattn import StandardBlock, VisionTransformerPosAttn, checkpoint_filter_fn, resolve_pos_attn_layers
+from .vit_posattn import (
+    StandardBlock, VisionTransformerPosAttn, checkpoint_filter_fn, resolve_pos_attn_layers, vit_arch_kwargs,
+)
 
 __all__ = [
     'ConvertError', 'ConversionReport', 'SourceAttention', 'convert_vit', 'load_source', 'twin_kwargs',
@@ -111,25 +113,11 @@ def twin_kwargs(source: nn.Module) -> Dict[str, Any]:
         differs.append(f'{type(blk.mlp).__name__} MLP (expected timm.layers.Mlp)')
     if differs:
         raise ConvertError(f'cannot mirror {type(source).__name__} as a positional ViT: it has {", ".join(differs)}')
-    embed_dim = source.embed_dim
-    kwargs = dict(
-        img_size=tuple(source.patch_embed.img_size),
-        patch_size=tuple(source.patch_embed.patch_size),
-        in_chans=source.patch_embed.proj.in_channels,
-        num_classes=source.num_classes,
-        global_pool=source.global_pool,
-        embed_dim=embed_dim,
-        depth=len(source.blocks),
-        num_heads=attn.num_heads,
-        mlp_ratio=blk.mlp.fc1.out_features / embed_dim,
-        qkv_bias=attn.qkv.bias is not None,
-        proj_bias=attn.proj.bias is not None,
-        class_token=source.cls_token is not None,
-        fc_norm=not isinstance(source.fc_norm, nn.Identity),
-        dynamic_img_size=bool(getattr(source, 'dynamic_img_size', False)),
-    )
-    if not isinstance(blk.ls1, nn.Identity):
+    kwargs = vit_arch_kwargs(source)
+    if kwargs['init_values'] is not None:
         kwargs['init_values'] = 1.0  # layer scale present: its values are copied from the source
+    else:
+        del kwargs['init_values']
     return {k: _compact(v) for k, v in kwargs.items()}
 
 

@@ -51,7 +51,7 @@ from .layers import GridSize, PositionalAttentionMap, PositionalBlock
 from .published import check_finite, verify_pretrained_source
 from .releases import hub_cfg
 
-__all__ = ['VisionTransformerPosAttn', 'StandardBlock', 'checkpoint_filter_fn', 'resolve_pos_attn_layers']
+__all__ = ['VisionTransformerPosAttn', 'StandardBlock', 'checkpoint_filter_fn', 'resolve_pos_attn_layers', 'vit_arch_kwargs']
 
 _logger = logging.getLogger(__name__)
 
@@ -519,6 +519,39 @@ def _remap_standard_attention(state_dict: Dict[str, torch.Tensor], model: Vision
     for key in [k for k in state_dict if k.startswith((prefix + 'pos_map.', prefix + 'qk.', prefix + 'pos_norm.'))]:
         state_dict.pop(key)
     return fresh
+
+
+def vit_arch_kwargs(model: nn.Module) -> Dict[str, Any]:
+    """Architecture kwargs of a built timm-style ViT (ours or timm's), read from its modules.
+
+    Reading the built module rather than a name keeps the baseline identical to our model whatever kwargs it was
+    created with, and the same function applied to the baseline verifies the match.
+    """
+    if not hasattr(model, 'blocks') or not hasattr(model, 'patch_embed'):
+        raise ValueError(f'{type(model).__name__} is not a timm-style ViT (expected .blocks and .patch_embed)')
+    block = model.blocks[0]
+    attn = block.attn
+    value_proj = attn.v if hasattr(attn, 'v') else attn.qkv  # ours has a separate value projection
+    init_values = None
+    if not isinstance(block.ls1, nn.Identity):  # layer scale
+        init_values = round(float(block.ls1.gamma.detach().flatten()[0]), 8)
+    return dict(
+        img_size=tuple(model.patch_embed.img_size),
+        patch_size=tuple(model.patch_embed.patch_size),
+        in_chans=model.patch_embed.proj.in_channels,
+        num_classes=model.num_classes,
+        global_pool=model.global_pool,
+        embed_dim=model.embed_dim,
+        depth=len(model.blocks),
+        num_heads=attn.num_heads,
+        mlp_ratio=block.mlp.fc1.out_features / model.embed_dim,
+        qkv_bias=value_proj.bias is not None,
+        proj_bias=attn.proj.bias is not None,
+        init_values=init_values,
+        class_token=getattr(model, 'cls_token', None) is not None,
+        fc_norm=not isinstance(model.fc_norm, nn.Identity),
+        dynamic_img_size=bool(getattr(model, 'dynamic_img_size', False)),
+    )
 
 
 def checkpoint_filter_fn(
