@@ -149,7 +149,7 @@ group.add_argument('--grad-accum-steps', type=int_range(1), default=1, metavar='
 group.add_argument('--grad-checkpointing', action='store_true', default=False,
                    help='enable gradient checkpointing through model blocks')
 group.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
-                   help='extra model kwargs, e.g. --model-kwargs pos_attn_layers=none depth=2')
+                   help='extra model kwargs, e.g. --model-kwargs pos_attn_blocks=none depth=2')
 group.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor',
                    help='enable torch.compile with the given backend (default: inductor)')
 

@@ -10,7 +10,7 @@ round as the plain model, so the cost of computing A every forward is read off d
 
 For each model, a baseline with identical width, depth, heads, MLP, patch and image size is built in the same
 process (`--baseline timm`: timm's `VisionTransformer`, arch kwargs read from our built model; `twin`: our model
-with `pos_attn_layers='none'`; `self`: the model against a second copy of itself, an A/A check of the instrument).
+with `pos_attn_blocks='none'`; `self`: the model against a second copy of itself, an A/A check of the instrument).
 All models of a round are warmed up, then timed alternately (order reversed every repeat) and the median repeat is
 reported.
 
@@ -129,9 +129,9 @@ def create_baseline(
         return timm.create_model(model_name, **model_kwargs), model_name
     if baseline == 'twin':
         if not hasattr(model, 'pos_attn_indices'):
-            raise ValueError(f"--baseline twin needs a vit_posattn_* model, {model_name} has no pos_attn_layers")
-        kwargs = dict(model_kwargs, pos_attn_layers='none')
-        return timm.create_model(model_name, **kwargs), f'{model_name}(pos_attn_layers=none)'
+            raise ValueError(f"--baseline twin needs a vit_posattn_* model, {model_name} has no pos_attn_blocks")
+        kwargs = dict(model_kwargs, pos_attn_blocks='none')
+        return timm.create_model(model_name, **kwargs), f'{model_name}(pos_attn_blocks=none)'
     if baseline != 'timm':
         raise ValueError(f'baseline must be one of {BASELINES}, got {baseline!r}')
     timm_name = timm_vit_name(model_name)
@@ -744,7 +744,7 @@ def build_parser() -> ArgumentParser:
                              "(default: the model's own)")
     parser.add_argument('--baseline', default='timm', choices=BASELINES,
                         help="timm: timm's VisionTransformer with identical arch (default); twin: our model with "
-                             "pos_attn_layers='none'; self: the model against itself (A/A check of the instrument)")
+                             "pos_attn_blocks='none'; self: the model against itself (A/A check of the instrument)")
     parser.add_argument('--device', default='cpu', choices=('cpu', 'cuda'), help='device (default: cpu)')
     parser.add_argument('--dtype', default='float32', choices=list(DTYPES),
                         help='float32, or bfloat16/float16 autocast (mixed precision, fp32 weights)')
@@ -772,7 +772,7 @@ def build_parser() -> ArgumentParser:
                         help='torch.set_num_threads (default: torch)')
     parser.add_argument('--seed', type=int, default=0, help='seed for weights and inputs (default: 0)')
     parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
-                        help='extra kwargs for the model, e.g. pos_attn_layers=6 (the timm baseline follows)')
+                        help='extra kwargs for the model, e.g. pos_attn_blocks=6 (the timm baseline follows)')
     parser.add_argument('--json', default=None, metavar='OUT', help='write the environment, rows and targets to OUT')
     parser.add_argument('--plot', default=None, metavar='PNG',
                         help='write the speed ratio and FLOP bound against the token count to PNG')

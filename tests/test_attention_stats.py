@@ -23,7 +23,7 @@ def test_uniform_row_distance():
 def test_mixed_model_reads_positional_blocks_and_averages_the_others():
     torch.manual_seed(0)
     model = timm.create_model('vit_posattn_tiny_patch4_32', depth=3, embed_dim=24, num_heads=2,
-                              pos_attn_layers=[0, 2]).eval()
+                              pos_attn_blocks=[0, 2]).eval()
     images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     attention, count = block_attention(model, [images[:4], images[4:]])
     assert count == 6 and sorted(attention) == [0, 1, 2]

@@ -157,7 +157,7 @@ def test_twin_and_self_baselines():
     model = timm.create_model(TINY, **TINY_KWARGS)
     twin, label = throughput.create_baseline(TINY, model, 'twin', TINY_KWARGS)
     assert twin.pos_attn_indices == [] and model.pos_attn_indices == [0, 1]
-    assert label == f'{TINY}(pos_attn_layers=none)'
+    assert label == f'{TINY}(pos_attn_blocks=none)'
     throughput.check_pair(model, twin, 'twin')
     same, label = throughput.create_baseline(TINY, model, 'self', TINY_KWARGS)
     assert label == TINY
@@ -189,7 +189,7 @@ def test_main_writes_json_plot_and_table(tmp_path, capsys):
     payload = throughput.main(argv)
     printed = capsys.readouterr().out
     assert '| model | variant | baseline | img | N | mode | batch |' in printed
-    assert f'| {TINY} | posattn | {TINY}(pos_attn_layers=none) | 32 | 65 | infer | 3 |' in printed
+    assert f'| {TINY} | posattn | {TINY}(pos_attn_blocks=none) | 32 | 65 | infer | 3 |' in printed
     saved = json.loads(out.read_text())
     assert saved == json.loads(json.dumps(payload))
     assert set(saved) == {'environment', 'rows', 'targets', 'seconds_total'}

@@ -144,7 +144,7 @@ def test_convert_refuses_what_it_cannot_mirror(one_thread):
 def _standard_checkpoint(tmp_path):
     """A train.py-style checkpoint of our standard twin, trained (as far as the test cares) on `structured`."""
     torch.manual_seed(0)
-    model_kwargs = dict(pos_attn_layers='none', depth=2, embed_dim=48, num_heads=3)
+    model_kwargs = dict(pos_attn_blocks='none', depth=2, embed_dim=48, num_heads=3)
     model = timm.create_model(POSATTN, num_classes=2, **model_kwargs)
     args = dict(model=POSATTN, model_kwargs=model_kwargs, num_classes=2, dataset='structured', data_seed=0,
                 mean=list(STRUCTURED_MEAN), std=list(STRUCTURED_STD), crop_pct=1.0)
@@ -212,11 +212,11 @@ def test_command_error_is_one_line_in_a_subprocess(tmp_path):
     (['--num-images', '0'], 'out of range'),
     (['--holdout', '1'], 'out of range'),
     (['--pos-attn-layer', 'nope'], 'invalid choice'),
-    (['--pos-attn-layers', 'x'], 'block count'),
+    (['--pos-attn-blocks', 'x'], 'block count'),
     (['--device', 'gpu0'], 'expected a device such as cpu, cuda or cuda:0'),
     (['--source', 'resnet10t'], 'cannot convert a ResNet'),
     (['--dataset', '', '--data-dir', '/no/such/dir'], "does not exist"),
-    (['--pos-attn-layers', '0,99'], 'outside 0..11'),
+    (['--pos-attn-blocks', '0,99'], 'outside 0..11'),
 ])
 def test_command_errors_are_one_line(tmp_path, capsys, argv, message):
     try:

@@ -24,7 +24,7 @@ from timm_posattn.loading import load_model, make_checkpoint, read_checkpoint  #
 from timm_posattn.structured import StructuredImageDataset  # noqa: E402
 
 TINY = ['-j', '0', '--log-interval', '100', '--no-attention-plot']
-TEACHER_KWARGS = ['--model-kwargs', 'depth=1', 'embed_dim=24', 'num_heads=2', 'pos_attn_layers=none']
+TEACHER_KWARGS = ['--model-kwargs', 'depth=1', 'embed_dim=24', 'num_heads=2', 'pos_attn_blocks=none']
 STUDENT_KWARGS = ['--model-kwargs', 'depth=1', 'embed_dim=24', 'num_heads=2']
 DATA = ['--train-num-samples', '384', '--val-num-samples', '128', '-b', '32', '--lr', '3e-3', '--warmup-epochs', '0',
         '--smoothing', '0']

@@ -24,7 +24,7 @@ def test_reparameterized_export_has_no_softmax_in_positional_blocks(tmp_path):
     _needs_onnx()
     import onnx
     torch.manual_seed(0)
-    model = timm.create_model(SMALL, depth=2, pos_attn_layers=[1], num_classes=5).eval()
+    model = timm.create_model(SMALL, depth=2, pos_attn_blocks=[1], num_classes=5).eval()
     path = tmp_path / 'm.onnx'
     report = export.export_onnx(model, str(path), batch_size=2)
     assert path.is_file() and os.listdir(tmp_path) == ['m.onnx']

@@ -2,7 +2,7 @@
 the attention-distance figure, with the error policy on missing folders, damaged files and wrong channel counts.
 
 Three 1-epoch train.py runs on 64 / 32 images (tests/idx_files.py writes them in the real idx format) give the
-checkpoints: the positional model, its standard twin (`pos_attn_layers=none`) and timm's own ViT of the same shape.
+checkpoints: the positional model, its standard twin (`pos_attn_blocks=none`) and timm's own ViT of the same shape.
 """
 import json
 import sys
@@ -25,7 +25,7 @@ FASHION = get_dataset_info('torch/fashion_mnist')
 COMMON = ['--dataset', 'torch/fashion_mnist', '--input-size', '1', '28', '28', '-j', '0', '-b', '16', '--epochs', '1',
           '--log-interval', '100', '--warmup-epochs', '0']
 POSATTN = ['--model', 'vit_posattn_tiny_patch4_32', '--model-kwargs', 'depth=2', 'embed_dim=24', 'num_heads=2']
-STANDARD = POSATTN + ['pos_attn_layers=none']
+STANDARD = POSATTN + ['pos_attn_blocks=none']
 TIMM_VIT = ['--model', 'vit_tiny_patch16_224', '--model-kwargs', 'patch_size=4', 'embed_dim=24', 'depth=2',
             'num_heads=2', 'mlp_ratio=1']
 
@@ -369,7 +369,7 @@ def test_published_fashion_mnist_weights_load_through_the_registered_tag(tmp_pat
     model = timm.create_model(tag).eval()
     args = dict(model='vit_posattn_tiny_patch4_32', dataset='torch/fashion_mnist', num_classes=10,
                 input_size=[1, 28, 28], mean=list(FASHION.mean), std=list(FASHION.std), crop_pct=1.0,
-                interpolation='bilinear', model_kwargs={'pos_attn_layers': 'all'})
+                interpolation='bilinear', model_kwargs={'pos_attn_blocks': 'all'})
     torch.save(make_checkpoint('vit_posattn_tiny_patch4_32', 9, model.state_dict(), args=args),
                tmp_path / 'ckpt.pth.tar')
     summary = publish.publish(str(tmp_path / 'ckpt.pth.tar'), tag, str(tmp_path / 'pub'), benchmark=False)

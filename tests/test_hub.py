@@ -514,7 +514,7 @@ def test_measure_model_counts_both_forms_and_speed():
     assert stats['gmacs'] - stats['gmacs_reparameterized'] == pytest.approx(MODEL_KWARGS['depth'] * per_block, rel=0.1)
     assert stats['img_per_sec'] > 0 and 'CPU' in stats['bench_device']
     assert not any(m.is_reparameterized() for m in model.modules() if hasattr(m, 'is_reparameterized'))
-    twin = timm.create_model(MODEL, num_classes=2, pos_attn_layers='none', **MODEL_KWARGS).eval()
+    twin = timm.create_model(MODEL, num_classes=2, pos_attn_blocks='none', **MODEL_KWARGS).eval()
     twin_stats = publish.measure_model(twin, (3, 32, 32), benchmark=False)
     assert twin_stats['gmacs'] == twin_stats['gmacs_reparameterized']
 
@@ -625,7 +625,7 @@ def test_card_names_the_attention_and_compares_with_the_twin(published):
     two_class = model_card.render_model_card(twin=twin, architecture=arch,
                                              **dict(common, config=dict(config, num_classes=2)))
     assert '| standard-attention twin | 55.00 | n/a | 1 |' in two_class
-    standard = timm.create_model(MODEL, num_classes=2, pos_attn_layers='none', **MODEL_KWARGS)
+    standard = timm.create_model(MODEL, num_classes=2, pos_attn_blocks='none', **MODEL_KWARGS)
     twin_card = model_card.render_model_card(twin=None, architecture=model_card.describe_architecture(standard),
                                              **common)
     assert '**standard attention** in every block' in twin_card and 'itself the standard-attention twin' in twin_card

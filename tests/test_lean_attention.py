@@ -201,7 +201,7 @@ def test_tracing_and_export_record_the_plain_ops():
 @pytest.mark.parametrize('batch', [1, 3])
 def test_flop_formulas_count_what_the_plain_ops_count(batch):
     """The operators' registered FLOP formulas give the forward the FLOPs of the plain ops it replaces."""
-    model = timm.create_model(SMALL, depth=2, num_classes=5, pos_attn_layers=[1]).eval()
+    model = timm.create_model(SMALL, depth=2, num_classes=5, pos_attn_blocks=[1]).eval()
     x = torch.randn(batch, 3, 32, 32)
     flops = []
     for lean in (True, False):

@@ -243,29 +243,51 @@ def test_per_sample_gradients_with_torch_func():
 
 
 def test_attention_maps_need_no_image():
-    model = _small(pos_attn_layers=[0, 2])
+    model = _small(pos_attn_blocks=[0, 2])
     maps = model.get_attention_maps()
     assert maps.shape == (2, 12, 65, 65)
     torch.testing.assert_close(maps.sum(-1), torch.ones(2, 12, 65))
     assert model.get_attention_maps(img_size=48).shape == (2, 12, 145, 145)
 
 
-def test_pos_attn_layers_modes():
+def test_pos_attn_blocks_modes():
     assert _small().pos_attn_indices == [0, 1, 2]
-    hybrid = _small(pos_attn_layers=2)
+    hybrid = _small(pos_attn_blocks=2)
     assert [type(b) for b in hybrid.blocks] == [PositionalBlock, PositionalBlock, StandardBlock]
-    assert _small(pos_attn_layers=[-1]).pos_attn_indices == [2]
-    twin = _small(pos_attn_layers='none')
+    assert _small(pos_attn_blocks=[-1]).pos_attn_indices == [2]
+    twin = _small(pos_attn_blocks='none')
     assert all(isinstance(b, StandardBlock) for b in twin.blocks)
     with pytest.raises(ValueError, match='no positional-attention blocks'):
         twin.get_attention_maps()
 
 
+def test_pos_attn_layers_is_the_old_name_of_pos_attn_blocks(tmp_path):
+    """Renamed in 0.3: the old kwarg works with a FutureWarning (kwargs, recipes, and 0.2 checkpoints' recorded
+    args); two different values under both names are refused."""
+    import warnings
+    from timm_posattn.loading import load_model, make_checkpoint
+    new = timm.create_model('vit_posattn_tiny_patch4_32', pos_attn_blocks=2, depth=3)
+    with pytest.warns(FutureWarning, match='pos_attn_layers is now called pos_attn_blocks'):
+        old = timm.create_model('vit_posattn_tiny_patch4_32', pos_attn_layers=2, depth=3)
+    assert old.pos_attn_indices == new.pos_attn_indices == [0, 1]
+    with pytest.raises(TypeError, match='give pos_attn_blocks only'):
+        timm.create_model('vit_posattn_tiny_patch4_32', pos_attn_layers=2, pos_attn_blocks=1, depth=3)
+    args = {'model_kwargs': {'depth': 3, 'pos_attn_layers': 2}, 'num_classes': new.num_classes}  # as 0.2.0 did
+    path = tmp_path / 'old.pth.tar'
+    torch.save(make_checkpoint('vit_posattn_tiny_patch4_32', 0, new.state_dict(), args=args), path)
+    with pytest.warns(FutureWarning):
+        loaded = load_model(str(path)).model
+    assert loaded.pos_attn_indices == [0, 1]
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        timm.create_model('vit_posattn_tiny_patch4_32', pos_attn_blocks=2, depth=3)  # the new name: no warning
+
+
 def test_standard_twin_is_timm_vit():
-    """pos_attn_layers='none' must differ from timm's ViT in nothing: same weights -> same logits."""
+    """pos_attn_blocks='none' must differ from timm's ViT in nothing: same weights -> same logits."""
     vit = timm.create_model('vit_tiny_patch16_224', img_size=32, patch_size=4, depth=2, num_classes=3).eval()
     twin = timm.create_model('vit_posattn_tiny_patch16_224', img_size=32, patch_size=4, depth=2, num_classes=3,
-                             pos_attn_layers='none').eval()
+                             pos_attn_blocks='none').eval()
     twin.load_state_dict(vit.state_dict(), strict=True)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -396,7 +418,7 @@ def test_head_api():
 
 def test_torchscript_and_fx():
     from torchvision.models.feature_extraction import create_feature_extractor
-    model = _small(pos_attn_layers=2).eval()
+    model = _small(pos_attn_blocks=2).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         ref = model(x)
@@ -492,7 +514,7 @@ def test_standard_vit_checkpoint_initializes_positional_model(tmp_path, caplog):
     torch.testing.assert_close(model.head.weight, vit.head.weight)
     assert 'Freshly initialized' in caplog.text and 'blocks.3.attn.pos_map.qk.weight' in caplog.text
     # and the other way round: a positional checkpoint into the standard twin keeps values and projections
-    twin = timm.create_model('vit_posattn_tiny_patch16_224', pos_attn_layers='none', pretrained=True,
+    twin = timm.create_model('vit_posattn_tiny_patch16_224', pos_attn_blocks='none', pretrained=True,
                              pretrained_cfg_overlay=dict(file=_save(model.state_dict(), tmp_path / 'pos.safetensors')))
     torch.testing.assert_close(twin.blocks[3].attn.qkv.weight[2 * 192:], blk.attn.v.weight)
 
@@ -515,10 +537,10 @@ def test_wrong_image_size_is_named():
 def test_unknown_kwargs_are_named():
     with pytest.raises(TypeError, match=r"Unknown model kwarg 'embed_dims' for vit_posattn_tiny_patch4_32; accepted: .*'embed_dim'"):
         timm.create_model(SMALL, embed_dims=64)
-    with pytest.raises(ValueError, match="pos_attn_layers must be 'all', 'none'"):
-        timm.create_model(SMALL, pos_attn_layers='first')
+    with pytest.raises(ValueError, match="pos_attn_blocks must be 'all', 'none'"):
+        timm.create_model(SMALL, pos_attn_blocks='first')
     with pytest.raises(ValueError, match='outside 0..6'):
-        timm.create_model(SMALL, pos_attn_layers=[9])
+        timm.create_model(SMALL, pos_attn_blocks=[9])
 
 
 def test_checkpoint_of_another_architecture_is_refused(tmp_path):
@@ -570,7 +592,7 @@ def test_local_pos_attn_init_leaves_everything_else_as_default():
     assert all(torch.equal(default[k], explicit[k]) for k in default)
     changed = {k for k in default if not torch.equal(default[k], local[k])}
     assert changed == {f'blocks.{i}.attn.pos_map.qk.weight' for i in range(3)}  # timm's init already zeroes the bias
-    standard = _small(pos_attn_init='local', pos_attn_layers='none')  # no positional blocks: nothing to do
+    standard = _small(pos_attn_init='local', pos_attn_blocks='none')  # no positional blocks: nothing to do
     assert standard.pos_attn_indices == []
     with pytest.raises(ValueError, match="'random' or 'local'"):
         _small(pos_attn_init='identity')

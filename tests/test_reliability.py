@@ -452,7 +452,7 @@ def test_PA8_paper_overwrite_keeps_the_old_results_until_the_new_ones_are_comple
 def standard_source():
     torch.manual_seed(0)
     return timm.create_model(MODEL, depth=1, embed_dim=24, num_heads=2, num_classes=2,
-                             pos_attn_layers='none').eval()
+                             pos_attn_blocks='none').eval()
 
 
 @pytest.mark.parametrize('kwargs, expected', [
@@ -471,7 +471,7 @@ def test_CA6_convert_vit_refuses_images_of_another_size(standard_source):
 
 
 def test_CA7_convert_vit_names_non_finite_source_weights(standard_source):
-    broken = timm.create_model(MODEL, depth=1, embed_dim=24, num_heads=2, num_classes=2, pos_attn_layers='none')
+    broken = timm.create_model(MODEL, depth=1, embed_dim=24, num_heads=2, num_classes=2, pos_attn_blocks='none')
     with torch.no_grad():
         broken.head.bias.fill_(float('inf'))
     with pytest.raises(NonFiniteWeightsError, match='head.bias'):

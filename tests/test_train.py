@@ -261,7 +261,7 @@ def test_image_folder_with_yaml_config(tmp_path, capsys):
     cfg = tmp_path / 'cfg.yaml'
     cfg.write_text(yaml.safe_dump({
         'model': 'vit_posattn_tiny_patch4_32', 'model_kwargs': {'depth': 1, 'embed_dim': 24, 'num_heads': 2,
-                                                                'pos_attn_layers': 'none'},
+                                                                'pos_attn_blocks': 'none'},
         'epochs': 1, 'batch_size': 8, 'lr': '1e-3', 'workers': 0, 'hflip': 0.0, 'experiment': 'folder',
     }))
     code, out, err = run_train(capsys, '-c', cfg, '--data-dir', data, '--output', tmp_path / 'out', '-b', '16')
@@ -269,7 +269,7 @@ def test_image_folder_with_yaml_config(tmp_path, capsys):
     args = yaml.safe_load((tmp_path / 'out' / 'folder' / 'args.yaml').read_text())
     assert args['batch_size'] == 16  # the command line overrides the config
     assert args['lr'] == pytest.approx(1e-3) and args['hflip'] == 0.0  # config values, YAML strings typed
-    assert args['model_kwargs']['pos_attn_layers'] == 'none' and args['num_classes'] == 2  # from the folders
+    assert args['model_kwargs']['pos_attn_blocks'] == 'none' and args['num_classes'] == 2  # from the folders
     assert args['dataset'] == '' and not args['no_aug']
     assert 'Final top-1' in out and 'Patch association' not in out  # no positional blocks in the twin
     rows = read_summary(tmp_path / 'out' / 'folder' / 'summary.csv')
@@ -284,7 +284,7 @@ def test_recipes_parse_into_train_arguments(path):
         got = getattr(args, key)
         assert got == value or got == pytest.approx(value), key
     assert args.opt == 'adamw' and args.sched == 'cosine'
-    assert args.model_kwargs['pos_attn_layers'] in ('all', 'none')
+    assert args.model_kwargs['pos_attn_blocks'] in ('all', 'none')
     if path.stem.endswith(('_posattn', '_standard')):  # the comparisons (the others: test_distill.py)
         assert args.epochs == (10 if path.stem.startswith('fashion_mnist') else 300)  # Fashion-MNIST: CPU-sized
 
@@ -293,8 +293,8 @@ def test_recipes_parse_into_train_arguments(path):
 def test_recipe_twins_differ_only_in_attention(name):
     pos = yaml.safe_load((REPO / 'configs' / f'{name}_posattn.yaml').read_text())
     std = yaml.safe_load((REPO / 'configs' / f'{name}_standard.yaml').read_text())
-    assert pos.pop('model_kwargs') == {'pos_attn_layers': 'all'}
-    assert std.pop('model_kwargs') == {'pos_attn_layers': 'none'}
+    assert pos.pop('model_kwargs') == {'pos_attn_blocks': 'all'}
+    assert std.pop('model_kwargs') == {'pos_attn_blocks': 'none'}
     assert pos.pop('experiment') != std.pop('experiment')
     assert pos == std
     expected_batch = 128  # per process: 128 for the small datasets, 8 x 128 = 1024 for ImageNet
@@ -423,8 +423,8 @@ def test_structured_demo_defaults_apply_only_to_the_demo_run():
     demo = resolved()
     assert demo.model_kwargs == {'depth': 1, 'global_pool': 'avg', 'pos_attn_layer': 'tied'} and demo.gp is None
     assert demo.epochs == 30 and demo.lr_base == pytest.approx(3e-3)
-    twin = resolved('--model-kwargs', 'pos_attn_layers=none', 'depth=2', '--epochs', '5', '--lr-base', '1e-3')
-    assert twin.model_kwargs == {'depth': 2, 'global_pool': 'avg', 'pos_attn_layer': 'tied', 'pos_attn_layers': 'none'}
+    twin = resolved('--model-kwargs', 'pos_attn_blocks=none', 'depth=2', '--epochs', '5', '--lr-base', '1e-3')
+    assert twin.model_kwargs == {'depth': 2, 'global_pool': 'avg', 'pos_attn_layer': 'tied', 'pos_attn_blocks': 'none'}
     assert twin.epochs == 5 and twin.lr_base == pytest.approx(1e-3)
     assert resolved('--gp', 'token').model_kwargs == {'depth': 1, 'pos_attn_layer': 'tied'}
     assert resolved('--model-kwargs', 'pos_attn_layer=qk').model_kwargs['pos_attn_layer'] == 'qk'

@@ -137,7 +137,7 @@ def _image_folder(root: Path, per_class: int = 4):
 def test_image_folder_checkpoint(tmp_path, capsys):
     """A standard-attention twin trained on an image folder (train.py records dataset '' and its class count)."""
     data = _image_folder(tmp_path / 'data')
-    kwargs = dict(TINY_KWARGS, pos_attn_layers='none')
+    kwargs = dict(TINY_KWARGS, pos_attn_blocks='none')
     model = timm.create_model(ARCH, num_classes=2, **kwargs)
     args = dict(model=ARCH, dataset='', data_dir='/elsewhere', num_classes=2, model_kwargs=kwargs,
                 val_split='validation')

@@ -72,7 +72,7 @@ def test_plot_rejects_bad_requests(model, tmp_path):
     with pytest.raises(UsageError, match='query patch'):
         save_attention_plot(model, str(tmp_path / 'a.png'), query_patches=[64])
     with pytest.raises(UsageError, match='no positional-attention blocks'):
-        save_attention_plot(timm.create_model(ARCH, pos_attn_layers='none', **SMALL), str(tmp_path / 'b.png'))
+        save_attention_plot(timm.create_model(ARCH, pos_attn_blocks='none', **SMALL), str(tmp_path / 'b.png'))
     for img_size in (2, 30):  # smaller than a patch; not a multiple of the 4 px patch (the model refuses both)
         with pytest.raises(UsageError, match='expected a multiple of the patch size 4x4'):
             save_attention_plot(model, str(tmp_path / 'a.png'), img_size=img_size)

@@ -15,11 +15,11 @@ from .layers import (
     list_pos_attn_layers,
     register_pos_attn_layer,
 )
-from .vit_posattn import VisionTransformerPosAttn, checkpoint_filter_fn, resolve_pos_attn_layers
+from .vit_posattn import VisionTransformerPosAttn, checkpoint_filter_fn, resolve_pos_attn_blocks
 
 __all__ = [
     'FixedAttentionMap', 'LogitsAttentionMap', 'PositionalAttention', 'PositionalAttentionMap', 'PositionalBlock',
     'QKAttentionMap', 'TiedAttentionMap', 'VisionTransformerPosAttn', 'checkpoint_filter_fn', 'get_pos_attn_layer',
-    'list_pos_attn_layers', 'register_pos_attn_layer', 'resolve_pos_attn_layers',
+    'list_pos_attn_layers', 'register_pos_attn_layer', 'resolve_pos_attn_blocks',
 ]
 __version__ = '0.2.0'

@@ -39,7 +39,7 @@ from .outputs import FolderClaim, OutputFolder
 from .plots import pyplot
 from .published import check_finite
 from .vit_posattn import (
-    StandardBlock, VisionTransformerPosAttn, checkpoint_filter_fn, resolve_pos_attn_layers, vit_arch_kwargs,
+    StandardBlock, VisionTransformerPosAttn, checkpoint_filter_fn, resolve_pos_attn_blocks, vit_arch_kwargs,
 )
 
 __all__ = [
@@ -77,10 +77,10 @@ def twin_kwargs(source: nn.Module) -> Dict[str, Any]:
     if isinstance(source, VisionTransformerPosAttn):
         if source.pos_attn_indices:
             raise ConvertError(f'the source already has positional attention (blocks {source.pos_attn_indices}); '
-                               f'convert reads a standard-attention ViT (pos_attn_layers=none or a timm ViT)')
+                               f'convert reads a standard-attention ViT (pos_attn_blocks=none or a timm ViT)')
     elif not isinstance(source, VisionTransformer):
         raise ConvertError(f'cannot convert a {type(source).__name__}: expected a timm VisionTransformer or a '
-                           f'vit_posattn_* model with pos_attn_layers=none')
+                           f'vit_posattn_* model with pos_attn_blocks=none')
     blk = source.blocks[0]
     attn = blk.attn
     differs = []
@@ -154,11 +154,11 @@ def _twin_arch(kwargs: Dict[str, Any]) -> str:
 def _build_positional_twin(source: nn.Module, arch: str, model_kwargs: Dict[str, Any]) -> VisionTransformerPosAttn:
     """The positional model with every shared weight copied from `source` (positional attention freshly initialized).
 
-    The standard twin (`pos_attn_layers='none'`, same kwargs) must load the source's state dict strictly and give
+    The standard twin (`pos_attn_blocks='none'`, same kwargs) must load the source's state dict strictly and give
     its logits: anything the kwargs do not mirror (an activation, a norm, a layer timm added) is caught here.
     """
     try:
-        standard = timm.create_model(arch, **{**model_kwargs, 'pos_attn_layers': 'none'})
+        standard = timm.create_model(arch, **{**model_kwargs, 'pos_attn_blocks': 'none'})
         model = timm.create_model(arch, **model_kwargs)
     except (TypeError, ValueError) as e:
         raise ConvertError(f'cannot build the positional twin {arch}: {one_line(e)}') from None
@@ -402,7 +402,7 @@ def convert_vit(
         source: Union[nn.Module, str],
         images: Union[torch.Tensor, Iterable[Batch]],
         pos_attn_layer: str = 'qk',
-        pos_attn_layers: Union[str, int, Sequence[int]] = 'all',
+        pos_attn_blocks: Union[str, int, Sequence[int]] = 'all',
         fit_steps: int = 500,
         fit_lr: float = 1e-2,
         holdout: float = 0.2,
@@ -414,12 +414,12 @@ def convert_vit(
     """A positional ViT from a standard one: copy the shared weights, fit the attention to the source's average.
 
     Args:
-        source: a timm VisionTransformer or our standard twin (`pos_attn_layers='none'`), as a module, a registered
+        source: a timm VisionTransformer or our standard twin (`pos_attn_blocks='none'`), as a module, a registered
             name, a checkpoint, `hf-hub:` or `local-dir:` (loaded by `timm_posattn.loading.load_model`).
         images: calibration images, already normalized for the source: a tensor (B, C, H, W) or an iterable of
             batches (tensors, or (images, targets) as a timm loader yields them; targets give held-out top-1).
         pos_attn_layer: positional attention layer of the converted model ('qk', 'tied', 'logits').
-        pos_attn_layers: blocks made positional ('all', first k, indices); the others keep the source's attention.
+        pos_attn_blocks: blocks made positional ('all', first k, indices); the others keep the source's attention.
         fit_steps: Adam steps of the fit ('qk', 'tied'); 0 keeps the copy-only model.
         fit_lr: peak learning rate of the fit (cosine to 0).
         holdout: fraction of the images (every 1/holdout-th) kept out of the average to measure agreement on.
@@ -453,13 +453,13 @@ def convert_vit(
     check_finite(source, f'the source {name}')  # before anything is blamed on the architecture
     kwargs = twin_kwargs(source)
     try:
-        resolve_pos_attn_layers(pos_attn_layers, kwargs['depth'])
+        resolve_pos_attn_blocks(pos_attn_blocks, kwargs['depth'])
     except ValueError as e:
         raise ConvertError(str(e)) from None
     source.eval()
     data_config = {k: v for k, v in (data_config or _source_data_config(source)).items() if k in PREPROCESSING_KEYS}
     arch = _twin_arch(kwargs)
-    model_kwargs = dict(kwargs, pos_attn_layers=pos_attn_layers, pos_attn_layer=pos_attn_layer)
+    model_kwargs = dict(kwargs, pos_attn_blocks=pos_attn_blocks, pos_attn_layer=pos_attn_layer)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = _build_positional_twin(source, arch, model_kwargs)
@@ -585,7 +585,7 @@ def write_conversion(claim: FolderClaim, model: VisionTransformerPosAttn, report
 # Command
 
 
-def _pos_attn_layers(text: str) -> Union[str, int, List[int]]:
+def _pos_attn_blocks(text: str) -> Union[str, int, List[int]]:
     if text == 'all':
         return text
     try:
@@ -598,7 +598,7 @@ def _pos_attn_layers(text: str) -> Union[str, int, List[int]]:
 def _parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog='python -m timm_posattn.convert',
-        description='Convert a standard ViT (timm or vit_posattn_* with pos_attn_layers=none) into a positional ViT: '
+        description='Convert a standard ViT (timm or vit_posattn_* with pos_attn_blocks=none) into a positional ViT: '
                     'copy the weights and fit the positional attention to the source\'s image-averaged attention.')
     parser.add_argument('--source', required=True, metavar='NAME_OR_PATH',
                         help='timm model name, train.py checkpoint, weights file, hf-hub:ORG/REPO or local-dir:DIR')
@@ -617,7 +617,8 @@ def _parser() -> ArgumentParser:
                         help="seed of the structured dataset (default: the source checkpoint's, else 0)")
     parser.add_argument('--pos-attn-layer', default='qk', choices=list_pos_attn_layers(),
                         help='positional attention layer of the converted model (default: qk)')
-    parser.add_argument('--pos-attn-layers', default='all', type=_pos_attn_layers, metavar='BLOCKS',
+    parser.add_argument('--pos-attn-blocks', '--pos-attn-layers', default='all', type=_pos_attn_blocks,
+                        metavar='BLOCKS',
                         help="blocks made positional: 'all' (default), a count k (the first k) or indices 0,2,5")
     parser.add_argument('--fit-steps', type=int_range(0), default=500, metavar='N',
                         help='Adam steps of the attention fit (default: 500; 0: copy only)')
@@ -672,7 +673,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     with folder.claim() as claim:  # no other process writes here until the set is committed
         model, report = convert_vit(
             source, _calibration_batches(loader, args.num_images), pos_attn_layer=args.pos_attn_layer,
-            pos_attn_layers=args.pos_attn_layers, fit_steps=args.fit_steps, fit_lr=args.fit_lr,
+            pos_attn_blocks=args.pos_attn_blocks, fit_steps=args.fit_steps, fit_lr=args.fit_lr,
             holdout=args.holdout, data_config=data_config, seed=args.seed)
         report.source = args.source
         ckpt_args = checkpoint_args(report, dataset=args.dataset, data_dir=args.data_dir,

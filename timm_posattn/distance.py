@@ -52,7 +52,7 @@ def add_distance_arguments(parser: argparse.ArgumentParser) -> None:
                             'uniform row\'s, with the model\'s attention maps; also writes the numbers as JSON next '
                             'to --out (default --out: distance.png)')
     group.add_argument('--twin', default=None, metavar='SOURCE',
-                       help='the model to compare with: its standard-attention twin (pos_attn_layers=none) or a timm '
+                       help='the model to compare with: its standard-attention twin (pos_attn_blocks=none) or a timm '
                             'ViT, as a train.py checkpoint, model name, hf-hub:ORG/NAME or local-dir:PATH')
     group.add_argument('--twin-pretrained', action='store_true', help="load the published weights of --twin's name")
     group.add_argument('--dataset', default=None, metavar='NAME',

@@ -38,6 +38,7 @@ from .published import (
     WEIGHTS_NAME, LoadError, WeightsFileError, check_finite, check_safetensors, verify_config, verify_folder,
     verify_hub_repo, weights_file_timm_loads,
 )
+from .vit_posattn import VisionTransformerPosAttn, checkpoint_filter_fn, rename_deprecated_kwargs
 
 __all__ = [
     'LoadError', 'TrainCheckpoint', 'LoadedModel', 'load_model', 'model_from_checkpoint', 'read_checkpoint',
@@ -230,7 +231,7 @@ def checkpoint_model_kwargs(args: Mapping[str, Any], state_dict: Optional[Mappin
         kwargs['img_size'] = tuple(args['input_size'][1:])
     if args.get('gp'):
         kwargs['global_pool'] = args['gp']
-    kwargs.update(args.get('model_kwargs') or {})
+    kwargs.update(rename_deprecated_kwargs(args.get('model_kwargs') or {}, 'the recorded --model-kwargs'))
     if state_dict is not None:
         if 'num_classes' not in kwargs and 'head.weight' in state_dict:
             kwargs['num_classes'] = int(state_dict['head.weight'].shape[0])
@@ -542,7 +543,6 @@ def load_weights(model: nn.Module, checkpoint: Union[str, TrainCheckpoint], use_
     state_dict, which = ckpt.weights(use_ema)
     check_finite(state_dict, ckpt.path)
     if adapt:
-        from .vit_posattn import VisionTransformerPosAttn, checkpoint_filter_fn
         if isinstance(model, VisionTransformerPosAttn):
             try:
                 state_dict = checkpoint_filter_fn(state_dict, model)

@@ -279,13 +279,13 @@ def _comparison(result: Optional[Dict[str, Any]], twin: Optional[Dict[str, Any]]
         return ('This model is itself the standard-attention twin; see the card of the positional-attention model '
                 'trained with the same recipe.')
     if twin is None or result is None:
-        return (f'{NOT_MEASURED.capitalize()}: no standard-attention twin (`pos_attn_layers=none`) trained with '
+        return (f'{NOT_MEASURED.capitalize()}: no standard-attention twin (`pos_attn_blocks=none`) trained with '
                 f'the same recipe was supplied when this card was written.')
     rows = ['| Model | Top-1 (%) | Top-5 (%) | Epoch |', '|---|---|---|---|']
     for label, r in (('this model (positional attention)', result), ('standard-attention twin', twin)):
         top5 = _fmt(r.get('eval_top5')) if num_classes > 5 else 'n/a'
         rows.append(f"| {label} | {_fmt(r.get('eval_top1'))} | {top5} | {int(r['epoch'])} |")
-    return ('Same train.py recipe with `--model-kwargs pos_attn_layers=none` (ordinary attention in every block), '
+    return ('Same train.py recipe with `--model-kwargs pos_attn_blocks=none` (ordinary attention in every block), '
             f"{twin['selection']} epoch of each run as logged in its summary.csv:\n\n" + '\n'.join(rows))
 
 
@@ -308,7 +308,7 @@ def _attention_texts(architecture: Dict[str, Any]) -> Dict[str, str]:
     if pos_blocks is None:
         summary = 'attention (an architecture without positional attention)'
     elif not pos_blocks:
-        summary = ('**standard attention** in every block: the standard-attention twin (`pos_attn_layers=none`) of '
+        summary = ('**standard attention** in every block: the standard-attention twin (`pos_attn_blocks=none`) of '
                    'the positional-attention models')
     elif len(pos_blocks) == architecture['depth']:
         summary = '**positional attention** in every block'

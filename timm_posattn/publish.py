@@ -386,7 +386,7 @@ def _parser() -> ArgumentParser:
     parser.add_argument('--revision', default=None, help='branch to upload to (created if missing); default main')
     parser.add_argument('--results', default=None, help="train.py summary.csv of this run (for the card's numbers)")
     parser.add_argument('--twin-results', default=None,
-                        help='summary.csv of the standard-attention twin (pos_attn_layers=none), same recipe')
+                        help='summary.csv of the standard-attention twin (pos_attn_blocks=none), same recipe')
     parser.add_argument('--force', '--overwrite', dest='force', action='store_true',
                         help="replace publish's own files in --out and an existing Hub model")
     add_ema_arguments(parser)

@@ -59,7 +59,7 @@ def _resolve_blocks(model: nn.Module, blocks: Optional[Sequence[int]]) -> list:
     """Positions in the attention-map stack of the requested model block indices (default: all positional)."""
     pos_blocks = list(getattr(model, 'pos_attn_indices', []))
     if not pos_blocks:
-        raise UsageError('this model has no positional-attention blocks (pos_attn_layers=none): nothing to plot')
+        raise UsageError('this model has no positional-attention blocks (pos_attn_blocks=none): nothing to plot')
     if blocks is None:
         return list(range(len(pos_blocks)))
     missing = [b for b in blocks if b not in pos_blocks]
@@ -182,7 +182,7 @@ def _parser() -> ArgumentParser:
                         help='block indices (default: all positional)')
     parser.add_argument('--img-size', type=int_range(1), default=None, help='plot the maps for another input size')
     parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
-                        help="model kwargs over the checkpoint's, e.g. pos_attn_layers=3")
+                        help="model kwargs over the checkpoint's, e.g. pos_attn_blocks=3")
     add_distance_arguments(parser)
     return parser
 

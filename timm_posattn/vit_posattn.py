@@ -18,12 +18,13 @@ Because A depends on no image it is computed once per forward for the whole batc
 tokens) and applied with one batched matmul per block. Nothing is cached: every forward computes A from the current
 parameters. For inference, `timm.utils.reparameterize_model(model)` bakes each block's A into a buffer. In training,
 backward recomputes A·V from the saved values instead of storing it (one bmm, since A is shared): each block keeps one
-(B, N, C) activation less. `pos_attn_layers` chooses which blocks are positional: 'all', 'none' (timm's ordinary
+(B, N, C) activation less. `pos_attn_blocks` chooses which blocks are positional: 'all', 'none' (timm's ordinary
 attention everywhere: the standard twin), the first k, or a list of indices.
 """
 import inspect
 import logging
 import math
+import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Type, Union
 
 import torch
@@ -51,11 +52,11 @@ from .layers import GridSize, PositionalAttentionMap, PositionalBlock
 from .published import check_finite, verify_pretrained_source
 from .releases import hub_cfg
 
-__all__ = ['VisionTransformerPosAttn', 'StandardBlock', 'checkpoint_filter_fn', 'resolve_pos_attn_layers', 'vit_arch_kwargs']
+__all__ = ['VisionTransformerPosAttn', 'StandardBlock', 'checkpoint_filter_fn', 'resolve_pos_attn_blocks', 'vit_arch_kwargs']
 
 _logger = logging.getLogger(__name__)
 
-PosAttnLayers = Union[str, int, Sequence[int]]
+PosAttnBlocks = Union[str, int, Sequence[int]]
 
 
 class StandardBlock(Block):
@@ -70,26 +71,32 @@ class StandardBlock(Block):
         return x
 
 
-def resolve_pos_attn_layers(pos_attn_layers: PosAttnLayers, depth: int) -> List[int]:
-    """Turn the `pos_attn_layers` model argument into sorted block indices, with an error naming what is accepted."""
-    if isinstance(pos_attn_layers, str):
-        if pos_attn_layers == 'all':
+def resolve_pos_attn_layers(pos_attn_layers: PosAttnBlocks, depth: int) -> List[int]:
+    """The old name of `resolve_pos_attn_blocks` (until 0.4)."""
+    warnings.warn('resolve_pos_attn_layers is now resolve_pos_attn_blocks', FutureWarning, stacklevel=2)
+    return resolve_pos_attn_blocks(pos_attn_layers, depth)
+
+
+def resolve_pos_attn_blocks(pos_attn_blocks: PosAttnBlocks, depth: int) -> List[int]:
+    """Turn the `pos_attn_blocks` model argument into sorted block indices, with an error naming what is accepted."""
+    if isinstance(pos_attn_blocks, str):
+        if pos_attn_blocks == 'all':
             return list(range(depth))
-        if pos_attn_layers == 'none':
+        if pos_attn_blocks == 'none':
             return []
         raise ValueError(
-            f"pos_attn_layers must be 'all', 'none', an int (first k blocks) or a list of block indices, "
-            f"got {pos_attn_layers!r}")
-    if isinstance(pos_attn_layers, bool):
-        raise ValueError(f'pos_attn_layers must not be a bool, got {pos_attn_layers!r}')
-    if isinstance(pos_attn_layers, int):
-        if not 0 <= pos_attn_layers <= depth:
-            raise ValueError(f'pos_attn_layers={pos_attn_layers}: expected a block count between 0 and depth={depth}')
-        return list(range(pos_attn_layers))
-    indices = sorted({int(i) + depth if int(i) < 0 else int(i) for i in pos_attn_layers})
+            f"pos_attn_blocks must be 'all', 'none', an int (first k blocks) or a list of block indices, "
+            f"got {pos_attn_blocks!r}")
+    if isinstance(pos_attn_blocks, bool):
+        raise ValueError(f'pos_attn_blocks must not be a bool, got {pos_attn_blocks!r}')
+    if isinstance(pos_attn_blocks, int):
+        if not 0 <= pos_attn_blocks <= depth:
+            raise ValueError(f'pos_attn_blocks={pos_attn_blocks}: expected a block count between 0 and depth={depth}')
+        return list(range(pos_attn_blocks))
+    indices = sorted({int(i) + depth if int(i) < 0 else int(i) for i in pos_attn_blocks})
     bad = [i for i in indices if not 0 <= i < depth]
     if bad:
-        raise ValueError(f'pos_attn_layers has block indices {bad} outside 0..{depth - 1}')
+        raise ValueError(f'pos_attn_blocks has block indices {bad} outside 0..{depth - 1}')
     return indices
 
 
@@ -116,7 +123,7 @@ class VisionTransformerPosAttn(nn.Module):
             proj_bias: bool = True,
             init_values: Optional[float] = None,
             class_token: bool = True,
-            pos_attn_layers: PosAttnLayers = 'all',
+            pos_attn_blocks: PosAttnBlocks = 'all',
             pos_attn_layer: Union[str, Type[PositionalAttentionMap]] = 'qk',
             pos_attn_norm: bool = True,
             pos_attn_init: str = 'random',
@@ -152,7 +159,7 @@ class VisionTransformerPosAttn(nn.Module):
             proj_bias: Bias in the attention output and MLP projections.
             init_values: Layer-scale init values (layer-scale enabled if not None).
             class_token: Use a class token (its position is the first row of the positional table).
-            pos_attn_layers: Blocks with positional attention: 'all', 'none', first k, or a list of indices.
+            pos_attn_blocks: Blocks with positional attention: 'all', 'none', first k, or a list of indices.
             pos_attn_layer: Positional attention layer of those blocks: 'qk' (separate query/key maps of P), 'tied'
                 (one map: symmetric logits), 'logits' (a free logit table), or a `PositionalAttentionMap` class.
             pos_attn_norm: LayerNorm the positional table in each positional block before projecting it.
@@ -199,7 +206,7 @@ class VisionTransformerPosAttn(nn.Module):
         self.no_embed_class = False  # the positional table always covers the class token: it takes part in A
         self.dynamic_img_size = dynamic_img_size
         self.grad_checkpointing = False
-        self.pos_attn_indices = resolve_pos_attn_layers(pos_attn_layers, depth)
+        self.pos_attn_indices = resolve_pos_attn_blocks(pos_attn_blocks, depth)
         self.pos_attn_init = pos_attn_init
         self.pos_attn_init_scale = float(pos_attn_init_scale)
 
@@ -374,7 +381,7 @@ class VisionTransformerPosAttn(nn.Module):
         """
         blocks = self._positional_blocks()
         if not blocks:
-            raise ValueError('this model has no positional-attention blocks (pos_attn_layers=none)')
+            raise ValueError('this model has no positional-attention blocks (pos_attn_blocks=none)')
         grid_size = self._grid_size_for(img_size)
         with torch.no_grad():
             pos = self._pos_table(grid_size)
@@ -636,7 +643,29 @@ _FACTORY_KWARGS = {'pretrained_cfg', 'pretrained_cfg_overlay', 'pretrained_stric
                    'cache_dir', 'features_only', 'feature_cls', 'feature_cfg', 'pruned', 'kwargs_filter'}
 
 
+# model kwargs renamed in 0.3: the old name is accepted, with a FutureWarning, until 0.4
+RENAMED_KWARGS = {'pos_attn_layers': 'pos_attn_blocks'}
+
+
+def rename_deprecated_kwargs(kwargs: Dict[str, Any], origin: str = 'model kwargs') -> Dict[str, Any]:
+    """Model kwargs (a copy) with the renamed ones under their new names; giving both names with two values is
+    refused."""
+    kwargs = dict(kwargs)
+    for old, new in RENAMED_KWARGS.items():
+        if old not in kwargs:
+            continue
+        value = kwargs.pop(old)
+        if new in kwargs and kwargs[new] != value:
+            raise TypeError(f'{origin}: {old}={value!r} and {new}={kwargs[new]!r} give one value twice ({old} is the '
+                            f'old name of {new}); give {new} only')
+        warnings.warn(f'{origin}: {old} is now called {new} (which blocks are positional); the old name is accepted '
+                      f'until timm_posattn 0.4', FutureWarning, stacklevel=3)
+        kwargs[new] = value
+    return kwargs
+
+
 def _create_vit_posattn(variant: str, pretrained: bool = False, **kwargs) -> VisionTransformerPosAttn:
+    kwargs = rename_deprecated_kwargs(kwargs, variant)
     out_indices = kwargs.pop('out_indices', 3)
     accepted = set(inspect.signature(VisionTransformerPosAttn.__init__).parameters) - {'self'}
     unknown = sorted(set(kwargs) - accepted - _FACTORY_KWARGS)
