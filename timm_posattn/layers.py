@@ -19,7 +19,7 @@ How a block applies A without keeping it (and the normalized tokens, and A·V) f
 """
 import logging
 import math
-from typing import Callable, Dict, List, Optional, Set, Tuple, Type, Union
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
@@ -106,7 +106,10 @@ def infer_pos_attn_layer(state_dict: Dict[str, torch.Tensor]) -> Optional[str]:
 class PositionalAttentionMap(nn.Module):
     """Base of the positional attention layers: positional table P (1, N, C) of a grid -> attention A (H, N, N).
 
-    Subclasses take the constructor arguments below (and may ignore some) and implement `logits()`.
+    The one constructor of the registered layers: it holds the shape (heads, grid, prefix tokens) and, for layers
+    that read P, its LayerNorm (`norm`); a subclass adds its own parameters. A layer whose logits are a product of
+    positional queries and keys implements `query_key()` and inherits `logits()` (q·kᵀ); the others override
+    `logits()`.
     """
     uses_pos_table: bool = True  # False for layers whose attention does not read P (a free table, a baked A)
 
@@ -140,10 +143,16 @@ class PositionalAttentionMap(nn.Module):
         self.scale = self.head_dim ** -0.5
         self.grid_size = (int(grid_size[0]), int(grid_size[1]))
         self.num_prefix_tokens = num_prefix_tokens
+        if self.uses_pos_table:
+            self.norm = norm_layer(dim, device=device, dtype=dtype) if pos_norm else nn.Identity()
 
     def logits(self, pos: torch.Tensor, grid_size: GridSize) -> torch.Tensor:
-        """Pre-softmax attention logits (H, N, N) from P (1, N, C) or (N, C) of `grid_size`."""
-        raise NotImplementedError
+        """Pre-softmax attention logits (H, N, N) from P (1, N, C) or (N, C) of `grid_size`: q·kᵀ of
+        `query_key()`."""
+        query_key = self.query_key(pos, grid_size)
+        if query_key is None:
+            raise NotImplementedError(f'{type(self).__name__} has neither query_key() nor its own logits()')
+        return query_key[0] @ query_key[1].transpose(-2, -1)
 
     def query_key(self, pos: torch.Tensor, grid_size: GridSize) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
         """Per-head positional queries and keys (H, N, d) with `logits = q @ kᵀ` (the scale folded into q), for
@@ -215,31 +224,15 @@ def _require_norm(layer: nn.Module, what: str) -> None:
 class QKAttentionMap(PositionalAttentionMap):
     """A_h = softmax((LN(P)·Wq_h)(LN(P)·Wk_h)ᵀ / √d): separate query and key maps of the positional table."""
 
-    def __init__(
-            self,
-            dim: int,
-            num_heads: int,
-            grid_size: GridSize,
-            num_prefix_tokens: int = 1,
-            pos_norm: bool = True,
-            bias: bool = False,
-            norm_layer: Type[nn.Module] = LayerNorm,
-            device=None,
-            dtype=None,
-    ) -> None:
-        super().__init__(dim, num_heads, grid_size, num_prefix_tokens, pos_norm, bias, norm_layer)
-        dd = {'device': device, 'dtype': dtype}
-        self.norm = norm_layer(dim, **dd) if pos_norm else nn.Identity()
-        self.qk = nn.Linear(dim, dim * 2, bias=bias, **dd)  # acts on the N positional rows only
+    def __init__(self, dim: int, num_heads: int, grid_size: GridSize, bias: bool = False, device=None, dtype=None,
+                 **kwargs: Any) -> None:
+        super().__init__(dim, num_heads, grid_size, bias=bias, device=device, dtype=dtype, **kwargs)
+        self.qk = nn.Linear(dim, dim * 2, bias=bias, device=device, dtype=dtype)  # acts on the N positional rows
 
     def query_key(self, pos: torch.Tensor, grid_size: GridSize) -> Tuple[torch.Tensor, torch.Tensor]:
         N = pos.shape[-2]
         q, k = self.qk(self.norm(pos)).reshape(N, 2, self.num_heads, self.head_dim).permute(1, 2, 0, 3).unbind(0)
         return q * self.scale, k
-
-    def logits(self, pos: torch.Tensor, grid_size: GridSize) -> torch.Tensor:
-        q, k = self.query_key(pos, grid_size)
-        return q @ k.transpose(-2, -1)
 
     @torch.jit.ignore
     @torch.no_grad()
@@ -268,32 +261,16 @@ class TiedAttentionMap(PositionalAttentionMap):
     with similar embeddings attend to each other. Half the positional parameters and work of 'qk'.
     """
 
-    def __init__(
-            self,
-            dim: int,
-            num_heads: int,
-            grid_size: GridSize,
-            num_prefix_tokens: int = 1,
-            pos_norm: bool = True,
-            bias: bool = False,
-            norm_layer: Type[nn.Module] = LayerNorm,
-            device=None,
-            dtype=None,
-    ) -> None:
-        super().__init__(dim, num_heads, grid_size, num_prefix_tokens, pos_norm, bias, norm_layer)
-        dd = {'device': device, 'dtype': dtype}
-        self.norm = norm_layer(dim, **dd) if pos_norm else nn.Identity()
-        self.w = nn.Linear(dim, dim, bias=bias, **dd)
+    def __init__(self, dim: int, num_heads: int, grid_size: GridSize, bias: bool = False, device=None, dtype=None,
+                 **kwargs: Any) -> None:
+        super().__init__(dim, num_heads, grid_size, bias=bias, device=device, dtype=dtype, **kwargs)
+        self.w = nn.Linear(dim, dim, bias=bias, device=device, dtype=dtype)
 
     def query_key(self, pos: torch.Tensor, grid_size: GridSize) -> Tuple[torch.Tensor, torch.Tensor]:
         N = pos.shape[-2]
         # the scale is split over both factors so the product is exactly a Gram matrix
         q = self.w(self.norm(pos)).reshape(N, self.num_heads, self.head_dim).transpose(0, 1) * self.scale ** 0.5
         return q, q
-
-    def logits(self, pos: torch.Tensor, grid_size: GridSize) -> torch.Tensor:
-        q, k = self.query_key(pos, grid_size)
-        return q @ k.transpose(-2, -1)
 
     @torch.jit.ignore
     @torch.no_grad()
@@ -373,20 +350,9 @@ class LogitsAttentionMap(PositionalAttentionMap):
     """
     uses_pos_table = False
 
-    def __init__(
-            self,
-            dim: int,
-            num_heads: int,
-            grid_size: GridSize,
-            num_prefix_tokens: int = 1,
-            pos_norm: bool = True,
-            bias: bool = False,
-            norm_layer: Type[nn.Module] = LayerNorm,
-            device=None,
-            dtype=None,
-    ) -> None:
-        super().__init__(dim, num_heads, grid_size, num_prefix_tokens, pos_norm, bias, norm_layer)
-        num_tokens = num_prefix_tokens + self.grid_size[0] * self.grid_size[1]
+    def __init__(self, dim: int, num_heads: int, grid_size: GridSize, device=None, dtype=None, **kwargs: Any) -> None:
+        super().__init__(dim, num_heads, grid_size, device=device, dtype=dtype, **kwargs)
+        num_tokens = self.num_prefix_tokens + self.grid_size[0] * self.grid_size[1]
         self.table = nn.Parameter(torch.zeros(num_heads, num_tokens, num_tokens, device=device, dtype=dtype))
         self.init_weights()
 
@@ -445,7 +411,7 @@ class FixedAttentionMap(PositionalAttentionMap):
     uses_pos_table = False
 
     def __init__(self, attn: torch.Tensor, grid_size: GridSize, num_prefix_tokens: int = 1) -> None:
-        nn.Module.__init__(self)
+        nn.Module.__init__(self)  # not the registry's constructor: it is made from a computed A, not from a width
         self.num_heads = attn.shape[0]
         self.grid_size = (int(grid_size[0]), int(grid_size[1]))
         self.num_prefix_tokens = num_prefix_tokens
