@@ -30,10 +30,9 @@ class CosineAttentionMap(PositionalAttentionMap):
     The class and its registration line are all it takes; nothing else in the package knows about it.
     """
 
-    def __init__(self, dim: int, num_heads: int, grid_size: Tuple[int, int], num_prefix_tokens: int = 1,
-                 pos_norm: bool = True, bias: bool = False, norm_layer=nn.LayerNorm, device=None, dtype=None):
-        super().__init__(dim, num_heads, grid_size, num_prefix_tokens, pos_norm, bias, norm_layer)
-        self.norm = norm_layer(dim, device=device, dtype=dtype) if pos_norm else nn.Identity()
+    def __init__(self, dim: int, num_heads: int, grid_size: Tuple[int, int], bias: bool = False, device=None,
+                 dtype=None, **kwargs):
+        super().__init__(dim, num_heads, grid_size, bias=bias, device=device, dtype=dtype, **kwargs)  # and self.norm
         self.w = nn.Linear(dim, dim, bias=bias, device=device, dtype=dtype)
         self.temperature = nn.Parameter(torch.full((num_heads, 1, 1), 4.0, device=device, dtype=dtype))
 
