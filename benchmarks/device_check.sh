@@ -21,6 +21,13 @@
 #            128): the ImageNet recipe's cost ratio (configs/imagenet_convert_small.yaml)
 #   train    train.py on CUDA with bf16 AMP, 1 epoch of the structured demo (DDP over NCCL needs >= 2 GPUs:
 #            with one GPU this checks the CUDA/AMP training path, not NCCL)
+#   fmnist   (not in the default STEPS: a call of its own) the Fashion-MNIST comparison of docs/real_images.md
+#            (benchmarks/fashion_mnist.sh): qk, tied, the standard twin and timm's ViT, 10 epochs each, on the GPU,
+#            then the table. The four .gz files (30 MB) travel with the checkout: copy them into a git-ignored
+#            folder and carry it, e.g. `mkdir -p .device_data/fashion-mnist && cp /usr/share/datasets/fashion-mnist/*.gz
+#            .device_data/fashion-mnist/`, carry ".device_data", and run `STEPS="env fmnist" bash
+#            benchmarks/device_check.sh` (FMNIST= names another folder)
+# STEPS chooses the steps (default: every one above but fmnist), e.g. STEPS="env grads compiled".
 # The whole script stops within BUDGET seconds (default 540, under the device tool's 10-minute command limit): each
 # step's limit is cut to what is left, and a step with under 20 s left is skipped. The machine needs torch (2.11 or
 # newer) and timm >= 1.0.31, installed or on PYTHONPATH (which is kept); nothing is installed here.
@@ -31,12 +38,14 @@ OUT=${OUT:-device_check_out}
 PY=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}
 BUDGET=${BUDGET:-540}
+STEPS=${STEPS:-env grads sweep compiled eager layout layout_modules distill train}
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" DEVICE
 mkdir -p "$OUT"
 
 step() {  # step NAME SECONDS CMD...: run CMD under a time limit, log to $OUT/NAME.log, record status and time
     local name=$1 limit=$2 start rc left=$((BUDGET - SECONDS))
     shift 2
+    case " $STEPS " in *" $name "*) ;; *) return ;; esac
     if [ "$left" -lt 20 ]; then
         echo "$name skipped: ${left}s of the ${BUDGET}s budget left" | tee -a "$OUT/summary.txt"
         return
@@ -169,5 +178,8 @@ step distill 60 "$PY" benchmarks/distill_step.py --device cuda --dtype bfloat16 
 
 step train 150 "$PY" train.py --device cuda --amp --amp-dtype bfloat16 --epochs 1 --output "$OUT" \
     --experiment cuda_bf16 --no-attention-plot
+
+step fmnist 520 env DEVICE=cuda OUT="$OUT/fashion_mnist" FMNIST="${FMNIST:-.device_data/fashion-mnist}" \
+    PYTHON="$PY" bash benchmarks/fashion_mnist.sh
 
 cat "$OUT/summary.txt"
