@@ -381,3 +381,14 @@ def test_published_fashion_mnist_weights_load_through_the_registered_tag(tmp_pat
         torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
     other = publish.tag_rebuilds_model(model, 'vit_posattn_tiny_patch4_32.cifar10', (1, 28, 28))
     assert 'do not fit' in other  # the 3 x 32 x 32 tag cannot take them
+
+
+def test_comparison_table_reads_each_runs_attention_and_top1(runs, tmp_path, capsys):
+    sys.path.insert(0, str(REPO / 'benchmarks'))
+    import fashion_mnist_table
+    rows = fashion_mnist_table.main([str(runs[name][0]) for name in ('posattn', 'standard', 'timm_vit')])
+    assert [r['attention'] for r in rows] == ['positional (qk)', 'standard (our twin)', 'standard (timm ViT)']
+    for row, name in zip(rows, ('posattn', 'standard', 'timm_vit')):
+        assert row['final_top1'] == round(runs[name][1]['top1'], 2) and row['epochs'] == 1
+    assert '| posattn | positional (qk) |' in capsys.readouterr().out
+    assert fashion_mnist_table.run([str(tmp_path)]) == 2  # not a run folder: one line
