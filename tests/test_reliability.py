@@ -558,3 +558,15 @@ def test_B6_throughput_refuses_one_file_for_the_rows_and_the_figure(tmp_path, ca
     assert throughput.run(argv) == 2
     assert_one_line_error(2, capsys.readouterr().err, '--json and --plot both name')
     assert list(tmp_path.iterdir()) == []
+
+
+def test_F1_a_full_disk_surfaces_as_the_os_error_it_is():
+    """torch's zip writer reports a failed write as 'unexpected pos' (a RuntimeError, a traceback); checkpoints are
+    serialized first, so the disk's ENOSPC reaches the error policy."""
+    from timm_posattn.loading import make_checkpoint, write_checkpoint
+
+    class FullDisk:
+        def write(self, data):
+            raise OSError(errno.ENOSPC, 'No space left on device')
+    with pytest.raises(OSError, match='No space left'):
+        write_checkpoint(make_checkpoint('m', 0, {'w': torch.zeros(1000)}), FullDisk())

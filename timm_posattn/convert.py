@@ -34,7 +34,7 @@ from timm.models.vision_transformer import Block
 from .attention_stats import AverageAttention, attention_distance, record_average_attention
 from .cli import ArgumentParser, UsageError, device_arg, float_range, int_range, one_line, run_command
 from .layers import LogitsAttentionMap, PositionalBlock, list_pos_attn_layers
-from .loading import PREPROCESSING_KEYS, load_model, make_checkpoint, read_checkpoint
+from .loading import PREPROCESSING_KEYS, load_model, make_checkpoint, read_checkpoint, write_checkpoint
 from .outputs import FolderClaim, OutputFolder
 from .plots import pyplot
 from .published import check_finite
@@ -571,7 +571,7 @@ def write_conversion(claim: FolderClaim, model: VisionTransformerPosAttn, report
     plt = pyplot()
     checkpoint = make_checkpoint(report.arch, 0, {k: v.detach().cpu() for k, v in model.state_dict().items()},
                                  args=args)
-    claim.stage(CHECKPOINT_NAME, lambda f: torch.save(checkpoint, f))
+    claim.stage(CHECKPOINT_NAME, lambda f: write_checkpoint(checkpoint, f))
     claim.stage_text(REPORT_NAME, json.dumps(report.to_dict(), indent=2) + '\n')
     fig = attention_comparison_figure(model, report.source_attention)
     try:

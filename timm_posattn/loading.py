@@ -18,6 +18,7 @@ Every error a user can fix is a `LoadError` with a one-line message; the model's
 one in one place (`_create`).
 """
 import argparse
+import io
 import json
 import logging
 import math
@@ -25,7 +26,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import IO, Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -101,6 +102,14 @@ def make_checkpoint(
         checkpoint['metric'] = metric
     checkpoint.update(extra)
     return checkpoint
+
+
+def write_checkpoint(checkpoint: Mapping[str, Any], f: IO[bytes]) -> None:
+    """Write a checkpoint (`make_checkpoint`) to an open file: serialized in memory first, so that a full disk fails
+    as the OSError it is (torch's zip writer reports it as an 'unexpected pos' RuntimeError)."""
+    buffer = io.BytesIO()
+    torch.save(dict(checkpoint), buffer)
+    f.write(buffer.getbuffer())
 
 
 @dataclass

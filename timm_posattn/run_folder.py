@@ -19,7 +19,6 @@ import re
 from datetime import datetime
 from typing import Any, Optional, Sequence, Union
 
-import torch
 import torch.nn as nn
 from timm import utils
 from timm.models import resume_checkpoint, safe_model_name, split_model_name_tag
@@ -29,6 +28,7 @@ from .cli import UsageError, one_line
 from .files import atomic_write
 from .loading import (
     LoadError, TrainCheckpoint, checkpoint_model_kwargs, make_checkpoint, plain_args, read_checkpoint, same_kwarg_value,
+    write_checkpoint,
 )
 from .outputs import FolderClaim, OutputError, OutputFolder
 from .published import check_finite
@@ -206,7 +206,7 @@ class AtomicCheckpointSaver(utils.CheckpointSaver):
         )
         self._record(save_path)
         try:
-            atomic_write(save_path, lambda f: torch.save(checkpoint, f), owner=KEY)
+            atomic_write(save_path, lambda f: write_checkpoint(checkpoint, f), owner=KEY)
         except OSError as e:
             raise OutputError(f"could not write '{save_path}': {e.strerror or e}") from None
 
