@@ -59,8 +59,8 @@ def _parser() -> ArgumentParser:
     group.add_argument('--data-dir', metavar='DIR', default=None,
                        help="path to the dataset (default: the checkpoint's)")
     group.add_argument('--dataset', metavar='NAME', default=None,
-                       help="dataset name as in train.py (default: the checkpoint's; structured without a "
-                            "checkpoint or --data-dir; '' for an image folder)")
+                       help="dataset name as in train.py (default: the checkpoint's, or the dataset a published "
+                            "model's tag names; structured without any of them or --data-dir; '' for an image folder)")
     group.add_argument('--split', metavar='NAME', default=None,
                        help="dataset split (default: the checkpoint's --val-split, else validation)")
     group.add_argument('--num-samples', default=None, type=int_range(1), metavar='N',
@@ -124,6 +124,7 @@ def evaluate(args: argparse.Namespace) -> Dict[str, Any]:
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     data = resolve_data(loaded.checkpoint, dataset=args.dataset, data_dir=args.data_dir, split=args.split,
+                        tag=loaded.model.pretrained_cfg.get('tag') if loaded.published else None,
                         num_samples=args.num_samples, data_seed=args.data_seed)
     data_config = resolve_preprocessing(loaded, data['dataset'], {k: getattr(args, k, None) for k in DATA_KEYS})
     dataset = open_eval_dataset(data['dataset'], data['root'], data['split'], data_config,

@@ -658,3 +658,20 @@ def test_pyproject_ships_every_card_template():
     assert templates and all(any(fnmatch.fnmatch(t, g) for g in globs) for t in templates)
     used = {file for _, file in model_card.CARD_FAMILIES}
     assert used <= set(templates)
+
+
+def test_trained_release_folder_loads_through_timm_and_matches_its_entry():
+    """The weights of a 'trained' tag lie in this repository: the folder verifies (digests, config), its sha256 is the
+    release entry's, and the registered tag builds the published model from it (timm's own loading path)."""
+    for name, entry in releases.load_releases().items():
+        if entry['status'] != 'trained':
+            continue
+        folder = REPO / entry['folder']
+        assert sha256_file(folder / 'model.safetensors') == entry['sha256']
+        from_folder = loading.load_model(f'local-dir:{folder}').model.eval()
+        from_tag = timm.create_model(name, pretrained=True,
+                                     pretrained_cfg_overlay=dict(file=str(folder / 'model.safetensors'))).eval()
+        x = torch.randn(2, *from_tag.pretrained_cfg['input_size'], generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            torch.testing.assert_close(from_tag(x), from_folder(x), rtol=0, atol=0)
+        assert not timm.list_pretrained(name)  # not uploaded: nothing advertised

@@ -46,11 +46,15 @@ def model_input_channels(model: nn.Module) -> int:
 
 
 def resolve_data(ckpt: Optional[TrainCheckpoint], dataset: Optional[str] = None, data_dir: Optional[str] = None,
-                 split: Optional[str] = None, num_samples: Optional[int] = None, data_seed: Optional[int] = None
-                 ) -> Dict[str, Any]:
+                 split: Optional[str] = None, num_samples: Optional[int] = None, data_seed: Optional[int] = None,
+                 tag: Optional[str] = None) -> Dict[str, Any]:
     """Dataset, location, split, samples and seed to evaluate on: given values, else the checkpoint's evaluation set
-    (its --dataset, --data-dir, --val-split, --val-num-samples and --data-seed); ``structured`` without either."""
+    (its --dataset, --data-dir, --val-split, --val-num-samples and --data-seed), else the dataset a published
+    model's tag names (``tag``: e.g. 'fashion_mnist' -> torch/fashion_mnist); ``structured`` without any."""
     saved = ckpt.args if ckpt is not None else {}
+    tagged = get_dataset_info(tag) if tag and ckpt is None else None
+    if dataset is None and tagged is not None and (tagged.synthetic or tagged.dataset_name.startswith('torch/')):
+        dataset = tagged.dataset_name
     if dataset is None:
         dataset = (saved.get('dataset') or '') if 'dataset' in saved else ('' if data_dir else 'structured')
     same_data = ckpt is not None and (saved.get('dataset') or '') == dataset

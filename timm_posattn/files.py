@@ -11,12 +11,19 @@ import os
 import tempfile
 from typing import IO, Callable, List
 
-__all__ = ['atomic_write', 'move_into_place', 'remove_stale_temps', 'temp_prefix']
+__all__ = ['atomic_write', 'move_into_place', 'ordinary_permissions', 'remove_stale_temps', 'temp_prefix']
 
 
 def temp_prefix(owner: str) -> str:
     """The name prefix of the temp files ``owner`` (a command's key) writes."""
     return f'.tmp_{owner}_'
+
+
+def ordinary_permissions(path: str) -> None:
+    """0666 minus the umask, as a plain open() would give (mkstemp and some writers give 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def _fsync_dir(directory: str) -> None:
@@ -60,9 +67,7 @@ def atomic_write(path: str, write_fn: Callable[[IO[bytes]], None], replace: bool
             write_fn(f)
             f.flush()
             os.fsync(f.fileno())
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
+            ordinary_permissions(tmp)
             if replace:
                 os.replace(tmp, path)
             else:

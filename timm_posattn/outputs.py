@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import IO, Any, Callable, Dict, List, Optional, Sequence, Union
 
 from .cli import UsageError
-from .files import atomic_write, remove_stale_temps
+from .files import atomic_write, ordinary_permissions, remove_stale_temps
 
 __all__ = [
     'OutputError', 'OutputExistsError', 'OutputBusyError', 'OutputFolder', 'FolderClaim', 'LOCK_NAME',
@@ -458,6 +458,7 @@ def _finish_commit(folder: Path, key: str, manifest: Optional[Dict[str, Any]] = 
         raise OutputError(f"'{folder / manifest_name(key)}' is damaged: its journal names '{staging}'")
     for name in journal.get('files', []):
         if (staging / name).is_file():
+            ordinary_permissions(str(staging / name))  # whatever wrote it (save_for_hf may write 0600)
             os.replace(staging / name, folder / name)
     for name in journal.get('remove', []):
         if name in manifest['files'] and (folder / name).is_file():
