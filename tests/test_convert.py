@@ -9,6 +9,7 @@ import torch
 import timm
 
 import timm_posattn  # noqa: F401  registers vit_posattn_*
+from attention_by_hand import attention_by_hand
 from timm_posattn import convert
 from timm_posattn.convert import (
     ConvertError, attention_distance, attention_kl, convert_vit, fit_attention, record_average_attention, twin_kwargs)
@@ -30,23 +31,6 @@ def _images(n, seed=0):
     return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
-def _manual_attention(model, images, mean=True):
-    """Each block's softmax(q·kᵀ·scale) computed by hand from the block's input: (blocks, [images,] H, N, N)."""
-    inputs = []
-    hooks = [blk.norm1.register_forward_hook(lambda m, i, o: inputs.append(o)) for blk in model.blocks]
-    with torch.no_grad():
-        model(images)
-    for h in hooks:
-        h.remove()
-    maps = []
-    for blk, x in zip(model.blocks, inputs):
-        B, N, C = x.shape
-        q, k, _ = blk.attn.qkv(x).reshape(B, N, 3, blk.attn.num_heads, -1).permute(2, 0, 3, 1, 4)
-        attn = ((q * blk.attn.scale) @ k.transpose(-2, -1)).softmax(-1)
-        maps.append(attn.mean(0) if mean else attn)
-    return torch.stack(maps)
-
-
 def test_recorded_average_is_the_source_attention(one_thread):
     """Fused attention (the default) does not hide the maps; uneven batches are weighted by their images; a block
     whose queries and keys are zero attends uniformly; the source is left as it was."""
@@ -61,7 +45,7 @@ def test_recorded_average_is_the_source_attention(one_thread):
     images = _images(7)
     average, count, image_kl = record_average_attention(source, [images[:5], images[5:]])
     assert count == 7 and average.shape == (2, 3, 65, 65)
-    per_image = _manual_attention(source, images, mean=False)
+    per_image = attention_by_hand(source, images, mean=False)
     torch.testing.assert_close(average, per_image.mean(1), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(average[1], torch.full_like(average[1], 1 / 65))
     assert average[0].max() > 2 / 65  # block 0 is not uniform: the comparison above has something to compare
@@ -120,7 +104,7 @@ def test_convert_timm_vit(one_thread):
     assert (report.num_calibration_images, report.num_holdout_images) == (8, 2)
     held_out = torch.tensor([i for i in range(10) if (i + 1) // 5 > i // 5])
     calibration = torch.tensor([i for i in range(10) if i not in held_out])
-    torch.testing.assert_close(report.source_attention, _manual_attention(source, images[calibration]),
+    torch.testing.assert_close(report.source_attention, attention_by_hand(source, images[calibration]),
                                atol=1e-6, rtol=1e-5)
     assert [b['block'] for b in report.blocks] == [0, 1]
     assert all(b['kl_after'] < b['kl_before'] for b in report.blocks)

@@ -17,6 +17,7 @@ sys.path.insert(0, str(REPO))
 
 import train  # noqa: E402
 import validate  # noqa: E402
+from attention_by_hand import attention_by_hand  # noqa: E402
 from cli_assertions import assert_one_line_error  # noqa: E402
 from idx_files import split_file, write_dataset  # noqa: E402
 from timm_posattn.dataset_info import get_dataset_info  # noqa: E402
@@ -192,22 +193,6 @@ def _naive_distance(attn, grid, prefix=1):
     return heads
 
 
-def _average_attention_by_hand(model, images):
-    """Each block's softmax(q k^T scale) from the block's input, averaged over the images: (H, N, N) per block."""
-    inputs = []
-    hooks = [blk.norm1.register_forward_hook(lambda m, i, o: inputs.append(o)) for blk in model.blocks]
-    with torch.no_grad():
-        model(images)
-    for h in hooks:
-        h.remove()
-    maps = []
-    for blk, x in zip(model.blocks, inputs):
-        B, N, C = x.shape
-        q, k, _ = blk.attn.qkv(x).reshape(B, N, 3, blk.attn.num_heads, -1).permute(2, 0, 3, 1, 4)
-        maps.append(((q * blk.attn.scale) @ k.transpose(-2, -1)).softmax(-1).mean(0))
-    return maps
-
-
 def _test_images():
     """The 32 test images as the eval loader gives them: 28 px is the native size and crop_pct is 1, so only the
     normalization changes them."""
@@ -261,7 +246,7 @@ def test_distance_figure_and_numbers(data, runs, tmp_path, capsys, twin):
     assert model_entry['blocks'][0]['heads'] == pytest.approx(expected, abs=1e-5)
     assert model_entry['images'] == 0 and model_entry['positional_blocks'] == [0, 1]
     standard = load_model(str(twin_ckpt)).model.eval()
-    by_hand = _average_attention_by_hand(standard, _test_images())
+    by_hand = attention_by_hand(standard, _test_images())
     for block, attn in enumerate(by_hand):
         assert twin_entry['blocks'][block]['heads'] == pytest.approx(_naive_distance(attn, (7, 7)), abs=1e-4)
     assert twin_entry['images'] == 32 and twin_entry['positional_blocks'] == []

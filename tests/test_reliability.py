@@ -375,29 +375,35 @@ def test_PB2c_C20_a_kill_before_the_commit_leaves_the_old_set(tmp_path):
     assert not list(tmp_path.glob('.staging_*'))
 
 
-def test_PB2c_C20_a_kill_during_the_switch_is_completed_before_anything_reads_the_folder(tmp_path, monkeypatch):
-    folder = OutputFolder(tmp_path, ('a.txt', 'b.txt', 'c.txt'), overwrite=True, key='set')
-    with folder.claim() as claim:
-        for name in ('a.txt', 'b.txt', 'c.txt'):
-            claim.stage_text(name, f'old {name}')
-        claim.commit()
+def kill_during_the_switch(monkeypatch):
+    """The process dies after the first file of a set was renamed into place, before the second (a KeyboardInterrupt
+    out of os.replace)."""
     real_replace = os.replace
     moved = []
 
     def killed_after_one(src, dst):
         switching = '.staging_' in str(src) and '.staging_' not in str(dst)
         if switching and moved:
-            raise KeyboardInterrupt  # the process dies between two renames of the switch
+            raise KeyboardInterrupt
         real_replace(src, dst)
         if switching:
             moved.append(dst)
     monkeypatch.setattr(outputs.os, 'replace', killed_after_one)
+
+
+def test_PB2c_C20_a_kill_during_the_switch_is_completed_before_anything_reads_the_folder(tmp_path, monkeypatch):
+    folder = OutputFolder(tmp_path, ('a.txt', 'b.txt', 'c.txt'), overwrite=True, key='set')
+    with folder.claim() as claim:
+        for name in ('a.txt', 'b.txt', 'c.txt'):
+            claim.stage_text(name, f'old {name}')
+        claim.commit()
+    kill_during_the_switch(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         with folder.claim() as claim:
             claim.stage_text('a.txt', 'new a.txt')
             claim.stage_text('b.txt', 'new b.txt')
             claim.commit()  # c.txt is not in the new set
-    monkeypatch.setattr(outputs.os, 'replace', real_replace)
+    monkeypatch.undo()
     assert (tmp_path / 'a.txt').read_text() == 'new a.txt' and (tmp_path / 'b.txt').read_text() == 'old b.txt'
     assert finish_interrupted_commits(tmp_path) == ['this command']
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith('.')) == ['a.txt', 'b.txt']
@@ -409,20 +415,10 @@ def test_PB2c_an_interrupted_publish_is_completed_by_the_next_load(trained, tmp_
     base, pub = trained
     folder = tmp_path / 'pub'
     shutil.copytree(pub, folder)
-    real_replace = os.replace
-    moved = []
-
-    def killed_after_one(src, dst):
-        switching = '.staging_' in str(src) and '.staging_' not in str(dst)
-        if switching and moved:
-            raise KeyboardInterrupt  # the process dies between two renames of the switch
-        real_replace(src, dst)
-        if switching:
-            moved.append(dst)
-    monkeypatch.setattr(outputs.os, 'replace', killed_after_one)
+    kill_during_the_switch(monkeypatch)
     code = publish.run(['--checkpoint', str(base / 'checkpoint-0.pth.tar'), '--model', MODEL, '--out', str(folder),
                          '--no-benchmark', '--force'])
-    monkeypatch.setattr(outputs.os, 'replace', real_replace)
+    monkeypatch.undo()
     assert code == 130
     model = load_model(f'local-dir:{folder}').model  # completes the switch, then loads the whole new set
     assert 'epoch 0' in (folder / 'README.md').read_text() or '| 0 |' in (folder / 'README.md').read_text()
