@@ -131,7 +131,9 @@ class OutputFolder:
             raise ValueError(f'{self.command} does not own {name!r} (owned: {self.owned})')
         return str(self.path / name)
 
-    def _check_writable(self) -> None:
+    def check_writable(self) -> None:
+        """Refuse (one line) a folder that cannot be created or written: a file in the way, a read-only file system,
+        permissions."""
         if self.path.exists() and not self.path.is_dir():
             raise OutputExistsError(f"output folder '{self.path}' is a file: expected a folder (or a new path)")
         ancestor = self.path
@@ -158,7 +160,7 @@ class OutputFolder:
     def check(self) -> 'OutputFolder':
         """Refuse (one line) before any work: a folder that cannot be written, or owned files that exist while
         replacing them was not asked for."""
-        self._check_writable()
+        self.check_writable()
         self._refuse_existing(_listed(self.path, self.key))
         return self
 
@@ -177,9 +179,9 @@ class OutputFolder:
     def write_text(self, name: str, text: str) -> str:
         return self.write(name, lambda f: f.write(text.encode('utf-8')))
 
-    def claim(self, run_id: Optional[str] = None, resume: bool = False) -> 'FolderClaim':
+    def claim(self, resume: bool = False) -> 'FolderClaim':
         """Take the folder for this command's lifetime (see `FolderClaim`); use as a context manager."""
-        return FolderClaim(self, run_id=run_id, resume=resume)
+        return FolderClaim(self, resume=resume)
 
 
 def _default_key(command: str) -> str:
@@ -212,12 +214,12 @@ class FolderClaim:
     ``--resume`` in place): its files stay listed and its run id is kept.
     """
 
-    def __init__(self, folder: OutputFolder, run_id: Optional[str] = None, resume: bool = False) -> None:
+    def __init__(self, folder: OutputFolder, resume: bool = False) -> None:
         self.folder = folder
         self.path = folder.path
         self.key = folder.key
         self.resume = resume
-        self.run_id = run_id or uuid.uuid4().hex
+        self.run_id = uuid.uuid4().hex  # a resumed claim takes the manifest's
         self.previous: Optional[Dict[str, Any]] = None  # the manifest found when claiming
         self.manifest: Dict[str, Any] = {}
         self._lock_fd: Optional[int] = None
@@ -237,7 +239,7 @@ class FolderClaim:
 
     def acquire(self) -> 'FolderClaim':
         folder = self.folder
-        folder._check_writable()
+        folder.check_writable()
         missing = [p for p in (self.path, *self.path.parents) if not p.exists()]
         try:
             os.makedirs(self.path, exist_ok=True)

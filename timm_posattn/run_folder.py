@@ -30,7 +30,7 @@ from .loading import (
     LoadError, TrainCheckpoint, checkpoint_model_kwargs, make_checkpoint, plain_args, read_checkpoint, same_kwarg_value,
     write_checkpoint,
 )
-from .outputs import FolderClaim, OutputError, OutputFolder
+from .outputs import FolderClaim, OutputError, OutputFolder, read_manifest
 from .published import check_finite
 
 __all__ = [
@@ -90,13 +90,10 @@ class RunFolder:
                     f"--resume '{resume.path}' has no run id (written before timm_posattn 0.3 or not by train.py), "
                     f"so nothing says it belongs to the run in '{self.path}': fork it into a new folder with "
                     f"--experiment NAME (weights, optimizer and schedule carry over)")
-            try:
-                claim = folder.claim(resume=True).acquire()
-            except OutputError as e:
-                if 'no manifest' not in str(e):
-                    raise
+            if read_manifest(folder.path, KEY) is None:
                 raise UsageError(f"--resume '{resume.path}': '{self.path}' keeps no record of a train.py run to "
-                                 f"continue; fork it into a new folder with --experiment NAME") from None
+                                 f"continue; fork it into a new folder with --experiment NAME")
+            claim = folder.claim(resume=True).acquire()
             if claim.run_id != resume.run_id:
                 claim.release()
                 raise UsageError(
@@ -123,7 +120,7 @@ class RunFolder:
     def check(self) -> None:
         """What every rank checks before anything is built: the folder can be written, and holds no other run."""
         if self.continuing:
-            self.folder._check_writable()
+            self.folder.check_writable()
             return
         self.folder.check()
 
