@@ -52,7 +52,10 @@ from .layers import GridSize, PositionalAttentionMap, PositionalBlock
 from .published import check_finite, verify_pretrained_source
 from .releases import hub_cfg
 
-__all__ = ['VisionTransformerPosAttn', 'StandardBlock', 'checkpoint_filter_fn', 'resolve_pos_attn_blocks', 'vit_arch_kwargs']
+__all__ = [
+    'VisionTransformerPosAttn', 'StandardBlock', 'checkpoint_filter_fn', 'resolve_pos_attn_blocks', 'vit_arch_kwargs',
+    'rename_deprecated_kwargs',
+]
 
 _logger = logging.getLogger(__name__)
 
