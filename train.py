@@ -479,8 +479,8 @@ def check_args(args: argparse.Namespace) -> None:
         if values is not None and len(values) not in (1, in_chans):
             raise UsageError(f'--{option} has {len(values)} values: expected 1 or one per input channel ({in_chans})')
     if args.no_aug:
-        given = [flag for flag, on in (('--aa', args.aa), ('--reprob', args.reprob), ('--train-crop-mode',
-                                                                                       args.train_crop_mode)) if on]
+        chosen = (('--aa', args.aa), ('--reprob', args.reprob), ('--train-crop-mode', args.train_crop_mode))
+        given = [flag for flag, on in chosen if on]
         if given:
             why = ', the default for structured, whose labels depend on exact patch positions' \
                 if is_structured(args.dataset) else ''
@@ -1074,6 +1074,9 @@ def train_and_evaluate(args: argparse.Namespace, run: RunFolder, device: torch.d
     except (AssertionError, ValueError) as e:
         raise UsageError(f'--sched {args.sched} cannot be built with these settings: {one_line(e)}'
                          ) from None
+    if lr_scheduler is not None and 0 < num_epochs <= args.warmup_epochs:
+        _logger.warning(f'--warmup-epochs {args.warmup_epochs} covers all {num_epochs} epochs: the learning rate '
+                        'only rises, from --warmup-lr, and never reaches --lr (--warmup-epochs 0 for a run this short)')
     start_epoch = args.start_epoch if args.start_epoch is not None else (resume_epoch or 0)
     if lr_scheduler is not None and start_epoch > 0:
         if args.sched_on_updates:

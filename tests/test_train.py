@@ -432,3 +432,15 @@ def test_structured_demo_defaults_apply_only_to_the_demo_run():
     assert other.model_kwargs == {} and other.epochs == 2 and other.lr_base == pytest.approx(1e-3)
     folder = resolved('--data-dir', '/nonexistent')
     assert folder.model_kwargs == {} and folder.epochs == 2
+
+
+def test_a_warmup_as_long_as_the_run_is_said(tmp_path, capsys, caplog):
+    """--epochs 1 with the default one warmup epoch never reaches --lr: the run says so (the value is still used)."""
+    argv = ['--output', tmp_path, '--no-attention-plot', '--epochs', '1', *SMALL_DATA, *TINY]
+    code, out, err = run_train(capsys, *argv, '--experiment', 'warm')
+    assert code == 0, err
+    assert '--warmup-epochs 1 covers all 1 epochs' in caplog.text
+    caplog.clear()
+    code, out, err = run_train(capsys, *argv, '--experiment', 'cold', '--warmup-epochs', '0')
+    assert code == 0, err
+    assert 'covers all' not in caplog.text
