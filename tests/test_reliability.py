@@ -129,6 +129,10 @@ def test_A04_A04b_P9_a_weights_file_other_than_the_recorded_one_is_refused(folde
     code, out, err = validate_folder(capsys, folder_copy)
     assert_one_line_error(code, err, 'model.safetensors is missing')
     assert not marker.exists()
+    edit_config(folder_copy, lambda cfg: cfg.pop('timm_posattn'))  # no record: timm's own folders have none
+    code, out, err = validate_folder(capsys, folder_copy)
+    assert_one_line_error(code, err, 'could not read checkpoint', name, 'weights_only=True')
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize('edit', [
@@ -157,9 +161,10 @@ def test_A22_a_loading_switch_in_model_args_is_refused_even_without_a_digest(fol
     (lambda c: c.update(timm_posattn='oops'), "'timm_posattn' must be a mapping"),  # A08c
     (lambda c: c.update(architecture=123), "'architecture' must be a model name"),  # A25
     (lambda c: c.update(model_args=[1, 2]), "'model_args' must be a mapping"),  # A26
-    (lambda c: c.update(pretrained_cfg=None), 'changed after publishing'),  # A27
+    (lambda c: c.update(pretrained_cfg=None), "'pretrained_cfg' must be a mapping"),  # A27
+    (lambda c: (c.update(pretrained_cfg=None), c.pop('timm_posattn')), "'pretrained_cfg' must be a mapping"),  # A27
     (lambda c: c['pretrained_cfg'].update(mean='abc'), 'pretrained_cfg.mean must be'),  # A28
-], ids=['A08b', 'A08c', 'A25', 'A26', 'A27', 'A28'])
+], ids=['A08b', 'A08c', 'A25', 'A26', 'A27', 'A27-no-record', 'A28'])
 def test_malformed_config_fields_are_one_line(folder_copy, capsys, edit, expected):
     edit_config(folder_copy, edit)
     code, out, err = validate_folder(capsys, folder_copy)
@@ -409,6 +414,29 @@ def test_PB2c_C20_a_kill_during_the_switch_is_completed_before_anything_reads_th
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith('.')) == ['a.txt', 'b.txt']
     assert (tmp_path / 'b.txt').read_text() == 'new b.txt'
     assert read_manifest(tmp_path, 'set')['files'] == ['a.txt', 'b.txt']
+
+
+def test_C20_reading_a_checkpoint_completes_an_interrupted_set_first(tmp_path, monkeypatch):
+    """convert killed between switching in converted.pth.tar and report.json: whoever reads the checkpoint gets the
+    new set whole (read_checkpoint finishes the commit first), never the new weights beside the old report."""
+    folder = OutputFolder(tmp_path, ('converted.pth.tar', 'report.json'), overwrite=True, key='set')
+
+    def weights(value):
+        return lambda f: torch.save({'state_dict': {'w': torch.full((2,), value)}}, f)
+    with folder.claim() as claim:
+        claim.stage('converted.pth.tar', weights(1.))
+        claim.stage_text('report.json', 'old')
+        claim.commit()
+    kill_during_the_switch(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        with folder.claim() as claim:
+            claim.stage('converted.pth.tar', weights(2.))
+            claim.stage_text('report.json', 'new')
+            claim.commit()
+    monkeypatch.undo()
+    assert (tmp_path / 'report.json').read_text() == 'old'  # the mix the kill left
+    assert read_checkpoint(tmp_path / 'converted.pth.tar').state_dict['w'].tolist() == [2., 2.]
+    assert (tmp_path / 'report.json').read_text() == 'new'
 
 
 def test_PB2c_an_interrupted_publish_is_completed_by_the_next_load(trained, tmp_path, monkeypatch, capsys):

@@ -193,6 +193,7 @@ def read_checkpoint(path: Union[str, Path], mmap: bool = False) -> TrainCheckpoi
     if os.path.getsize(path) == 0:
         raise WeightsFileError(f"checkpoint '{path}' is empty (0 bytes): its save was interrupted or it was never "
                                f"written")
+    finish_interrupted_commits(os.path.dirname(os.path.abspath(path)))  # a set killed while switching in: complete it
     if path.endswith('.safetensors'):
         check_safetensors(path)
         from safetensors.torch import load_file
@@ -334,7 +335,7 @@ def check_model_config(cfg: Mapping[str, Any], origin: str,
     if not isinstance(cfg.get('architecture'), str) or not cfg['architecture']:
         raise bad("'architecture'", cfg.get('architecture'), 'a model name')
     for key in ('model_args', 'pretrained_cfg'):
-        if cfg.get(key) is not None and not isinstance(cfg[key], dict):
+        if key in cfg and not isinstance(cfg[key], dict):  # null too: timm updates it as a dict
             raise bad(f"'{key}'", cfg[key], 'a mapping')
     args = cfg.get('model_args') or {}
     for key in args:
@@ -422,7 +423,10 @@ def _check_local_dir(folder: str) -> None:
     check_model_config(cfg, origin)
     require_registered(cfg['architecture'], origin)
     verify_folder(folder, check_digest=False)
-    shapes = _safetensors_shapes(weights_file_timm_loads(folder))
+    weights = weights_file_timm_loads(folder)
+    if weights is not None and not str(weights).endswith('.safetensors'):
+        read_checkpoint(weights, mmap=True)  # what timm's torch.load would refuse with a traceback, refused in one line
+    shapes = _safetensors_shapes(weights)
     if shapes is not None:
         check_model_config(cfg, origin, shapes)
         _check_built_model_fits(f'local-dir:{folder}', shapes, origin)
