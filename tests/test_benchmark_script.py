@@ -410,7 +410,7 @@ def test_distill_step_times_both_tasks_and_refuses_bad_input(tmp_path, capsys):
     assert result['rows'][0]['ratio_to_plain_student'] == 1.0
     assert all(row['seconds_per_step'] > 0 for row in result['rows'])
     assert json.loads(out.read_text())['rows'] == result['rows']
-    with pytest.raises(UsageError, match='already holds distill.json from an earlier run of benchmarks/distill_step'):
+    with pytest.raises(UsageError, match='already holds distill.json, which benchmarks/distill_step.py writes'):
         distill_step.main(['--json', str(out)])  # refused before any work
     with pytest.raises(UsageError, match='unknown model architecture'):
         distill_step.main(['--student', 'no_such_model'])

@@ -549,7 +549,7 @@ def test_a_single_output_file_is_created_not_clobbered(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith('.tmp_')]
 
 
-def test_B1_B4_benchmarks_refuse_existing_outputs_and_exit_2(tmp_path, capsys):
+def test_B1_B2_B4_benchmarks_refuse_bad_values_and_existing_outputs_with_exit_2(tmp_path, capsys):
     import attention_layout
     import distill_step
     precious = tmp_path / 'precious.json'
@@ -560,6 +560,8 @@ def test_B1_B4_benchmarks_refuse_existing_outputs_and_exit_2(tmp_path, capsys):
     assert precious.read_text() == 'precious notes'
     assert distill_step.run(['--student', 'nosuch_model']) == 2
     assert 'nosuch_model' in capsys.readouterr().err
+    for argv, expected in ((['-b', '-1'], '-1 is out of range'), (['--dim', '24', '--heads', '5'], 'divisible')):  # B2
+        assert_one_line_error(attention_layout.run(argv), capsys.readouterr().err, expected)
 
 
 def test_manifest_lists_what_a_run_wrote_and_the_lock_is_free_after_it(trained):

@@ -154,8 +154,8 @@ class OutputFolder:
         if existing and not self.overwrite:
             shown = ', '.join(existing[:5]) + (f' and {len(existing) - 5} more' if len(existing) > 5 else '')
             raise OutputExistsError(
-                f"'{self.path}' already holds {shown} from an earlier run of {self.command}; pass {self.flag} to "
-                f"replace them (other files are never touched), or choose another folder")
+                f"'{self.path}' already holds {shown}, which {self.command} writes; pass {self.flag} to replace "
+                f"them (other files are never touched), or choose another folder")
 
     def check(self) -> 'OutputFolder':
         """Refuse (one line) before any work: a folder that cannot be written, or owned files that exist while
