@@ -206,7 +206,7 @@ def test_main_writes_json_plot_and_table(tmp_path, capsys):
     assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
     assert sorted(os.listdir(out.parent)) == ['out.json', 'sweep.png'], 'temp file left behind'
     # the files are the user's now: refused before any work unless --overwrite
-    with pytest.raises(throughput.UsageError, match=r'already holds out.json .* --overwrite'):
+    with pytest.raises(throughput.UsageError, match=r'already holds out.json, .* --overwrite'):
         throughput.main(argv)
 
 
