@@ -439,6 +439,31 @@ def test_C20_reading_a_checkpoint_completes_an_interrupted_set_first(tmp_path, m
     assert (tmp_path / 'report.json').read_text() == 'new'
 
 
+def test_a_claim_finishes_every_commands_interrupted_commit(tmp_path, monkeypatch):
+    """publish killed while switching its set into a run folder; train.py then claims that folder and reads its own
+    checkpoint there: the claim (the folder's one lock) finished publish's commit, so the read neither waits for
+    itself nor sees the mix."""
+    published = OutputFolder(tmp_path, ('README.md', 'model.safetensors'), overwrite=True, key='publish')
+    with published.claim() as claim:
+        claim.stage_text('README.md', 'old')
+        claim.stage_text('model.safetensors', 'old')
+        claim.commit()
+    kill_during_the_switch(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        with published.claim() as claim:
+            claim.stage_text('README.md', 'new')
+            claim.stage_text('model.safetensors', 'new')
+            claim.commit()
+    monkeypatch.undo()
+    assert (tmp_path / 'model.safetensors').read_text() == 'old'  # the mix the kill left
+    with OutputFolder(tmp_path, ('last.pth.tar',), overwrite=True, key='train').claim() as claim:
+        assert (tmp_path / 'model.safetensors').read_text() == 'new'
+        claim.write('last.pth.tar', lambda f: torch.save({'state_dict': {'w': torch.ones(1)}}, f))
+        assert read_checkpoint(tmp_path / 'last.pth.tar').state_dict['w'].tolist() == [1.]
+    assert read_manifest(tmp_path, 'publish')['files'] == ['README.md', 'model.safetensors']
+    assert 'journal' not in read_manifest(tmp_path, 'publish')
+
+
 def test_PB2c_an_interrupted_publish_is_completed_by_the_next_load(trained, tmp_path, monkeypatch, capsys):
     base, pub = trained
     folder = tmp_path / 'pub'

@@ -31,7 +31,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import IO, Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import IO, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from .cli import UsageError
 from .files import atomic_write, ordinary_permissions, remove_stale_temps
@@ -262,8 +262,10 @@ class FolderClaim:
         return self
 
     def _settle(self) -> None:
-        """Under the lock: finish an interrupted commit, reclaim dead temp files, check what is there."""
-        _finish_commit(self.path, self.key)
+        """Under the lock: finish the interrupted commits (every command's: the lock is the folder's), reclaim dead
+        temp files, check what is there."""
+        for key, _ in _interrupted_commits(self.path):
+            _finish_commit(self.path, key)
         remove_stale_temps(str(self.path), self.key)
         for staging in self.path.glob(f'{_STAGING_PREFIX}{self.key}_*'):
             if staging.is_dir():  # staged by a run killed before its commit: never part of any set
@@ -474,27 +476,37 @@ def _finish_commit(folder: Path, key: str, manifest: Optional[Dict[str, Any]] = 
     return True
 
 
-def finish_interrupted_commits(folder: Union[str, Path]) -> List[str]:
-    """Complete the commits that killed runs left half done in ``folder``, before anything reads it; returns the
-    commands whose commit was completed. Refused in one line when the folder is being written or cannot be."""
-    folder = Path(folder)
-    done = []
-    if not folder.is_dir():
-        return done
+def _interrupted_commits(folder: Path) -> List[Tuple[str, str]]:
+    """(key, command) of every manifest in ``folder`` whose journaled commit a killed run left half done. Unreadable
+    manifests are not judged here: the claim or reader of that command refuses them."""
+    pending = []
     for path in sorted(folder.glob(f'{_MANIFEST_PREFIX}*.json')):
         key = path.name[len(_MANIFEST_PREFIX):-len('.json')]
         try:
             manifest = read_manifest(folder, key)
         except OutputError:
-            continue  # not ours to judge here: the reader checks what it reads
-        if not (manifest or {}).get('journal'):
             continue
-        command = manifest.get('command', key)
-        if why_unwritable(folder):
-            raise OutputError(f"'{folder}' holds a set of files that {command} was switching in when it was "
-                              f"stopped, and the folder is not writable to finish it; run {command} again there")
-        with OutputFolder(folder, (), overwrite=True, command=command, key=key).claim(resume=True):
-            pass  # claiming finishes the commit
+        if (manifest or {}).get('journal'):
+            pending.append((key, manifest.get('command', key)))
+    return pending
+
+
+def finish_interrupted_commits(folder: Union[str, Path]) -> List[str]:
+    """Complete the commits that killed runs left half done in ``folder``, before anything reads it; returns the
+    commands whose commit was completed. Refused in one line when the folder is being written or cannot be.
+
+    A process that holds the folder's claim finds none: claiming finished them."""
+    folder = Path(folder)
+    pending = _interrupted_commits(folder) if folder.is_dir() else []
+    if not pending:
+        return []
+    key, command = pending[0]
+    if why_unwritable(folder):
+        raise OutputError(f"'{folder}' holds a set of files that {command} was switching in when it was "
+                          f"stopped, and the folder is not writable to finish it; run {command} again there")
+    with OutputFolder(folder, (), overwrite=True, command=command, key=key).claim(resume=True):
+        pass  # claiming finishes every interrupted commit of the folder
+    done = [command for _, command in pending]
+    for command in done:
         _logger.info(f"Finished the interrupted commit of {command} in '{folder}'")
-        done.append(command)
     return done
