@@ -9,9 +9,12 @@
 # FMNIST: the folder of the four idx .gz files (`apt-get install dataset-fashion-mnist`, or a copy of them: for a
 # lent GPU, copy them into a git-ignored folder of the checkout, e.g. .device_data/fashion-mnist, and carry it).
 # DEVICE, EPOCHS (default: the recipe's 10), SEED (42), WORKERS (data loading processes; default 0 on the CPU, 8 on a
-# GPU), MODELS (default: "qk tied standard timm"). A run whose folder already holds a finished run is kept (resume
-# by running again); each run's log is OUT/NAME.log.
+# GPU), MODELS (default: "qk tied standard timm"), RECIPE: "comparison" (default: the recipe the table of
+# docs/real_images.md was measured with, the configs plus COMPARISON_ARGS below) or "configs" (the configs as they
+# are, tuned since for the one-epoch check). A run whose folder already holds a finished run is kept (resume by
+# running again); each run's log is OUT/NAME.log.
 set -u
+COMPARISON_ARGS=(--warmup-epochs 1 --smoothing 0.1 --scale 0.8 1.0 --ratio 0.9 1.1111111 --hflip 0.5)
 FMNIST=${FMNIST:-.device_data/fashion-mnist}
 OUT=${OUT:-runs/fashion_mnist}
 PY=${PYTHON:-python3}
@@ -21,6 +24,11 @@ MODELS=${MODELS:-qk tied standard timm}
 if [ "$DEVICE" = cpu ]; then WORKERS=${WORKERS:-0}; else WORKERS=${WORKERS:-8}; fi
 EPOCHS_ARG=()
 [ -n "${EPOCHS:-}" ] && EPOCHS_ARG=(--epochs "$EPOCHS")
+case ${RECIPE:-comparison} in
+    comparison) RECIPE_ARGS=("${COMPARISON_ARGS[@]}") ;;
+    configs) RECIPE_ARGS=() ;;
+    *) echo "error: unknown RECIPE '$RECIPE': expected comparison or configs" >&2; exit 2 ;;
+esac
 mkdir -p "$OUT"
 for name in $MODELS; do
     case $name in
@@ -37,7 +45,7 @@ for name in $MODELS; do
     fi
     echo "== $name"
     start=$(date +%s)
-    "$PY" train.py "${args[@]}" "${EPOCHS_ARG[@]}" --data-dir "$FMNIST" --device "$DEVICE" --seed "$SEED" \
+    "$PY" train.py "${args[@]}" "${RECIPE_ARGS[@]}" "${EPOCHS_ARG[@]}" --data-dir "$FMNIST" --device "$DEVICE" --seed "$SEED" \
         -j "$WORKERS" --output "$OUT" --experiment "$name" --log-interval 100 >"$OUT/$name.log" 2>&1
     rc=$?
     echo "$name rc=$rc $(($(date +%s) - start))s" | tee -a "$OUT/times.txt"
