@@ -9,12 +9,14 @@ import timm
 import timm_posattn  # noqa: F401  (registers the models)
 from timm_posattn.flops import FlopCounter
 from timm_posattn.layers import PositionalAttention, PositionalBlock
-from timm_posattn.lean_attention import attend_project, mix_project
+from timm_posattn.lean_attention import attend_project, mix_project, norm_attend_project
+from timm_posattn.memory import cpu_allocator_peak
 
 layer_norm_linear = torch.ops.timm_posattn.layer_norm_linear  # the operator (lean_attention.layer_norm_linear wraps it)
 
 SMALL = 'vit_posattn_tiny_patch4_32'
-OPS = ('timm_posattn.layer_norm_linear', 'timm_posattn.attend_project', 'timm_posattn.mix_project')
+OPS = ('timm_posattn.layer_norm_linear', 'timm_posattn.attend_project', 'timm_posattn.mix_project',
+       'timm_posattn.norm_attend_project')
 
 
 @pytest.fixture(autouse=True)
@@ -42,7 +44,13 @@ def _opcheck_cases():
     q, k, v, w, b = t(2, 5, 3), t(2, 5, 3), t(3, 5, 4), t(6, 4), t(6)
     attn = torch.randn(2, 5, 5, generator=g).softmax(-1).requires_grad_()
     x, nw, nb = t(3, 5, 4), t(4), t(4)
+    x5, wv = torch.randn(5, 5, 4, generator=g), torch.randn(4, 4, generator=g)
+    plain = [a.detach() for a in (q, k, attn, w, b, nw, nb)]  # inference only: no autograd formula to check
     return {
+        'norm_attend_project': (norm_attend_project, (x5, plain[5], plain[6], 1e-6, wv, plain[5], plain[0], plain[1],
+                                                      None, plain[3], plain[4], 2)),
+        'norm_attend_project_given_attn_no_bias': (norm_attend_project, (x5[:3], None, None, 1e-5, wv, None, None,
+                                                                         None, plain[2], plain[3], None, 2)),
         'attend_project': (attend_project, (q, k, v, w, b, 2)),
         'attend_project_one_image': (attend_project, (q, k, v[:1], w, b, 2)),
         'attend_project_tied_no_proj': (attend_project, (q, q, v, None, None, 2)),
@@ -211,3 +219,54 @@ def test_flop_formulas_count_what_the_plain_ops_count(batch):
             model(x)
         flops.append(counter.flops)
     assert flops[0] == flops[1] > 0
+
+
+def _branch(block, x, pos, grid_size):
+    return block._attention(x, pos, grid_size)
+
+
+@pytest.mark.parametrize('layer', ['qk', 'logits'])
+@pytest.mark.parametrize('batch', [2, 5, 8])
+def test_inference_branch_is_one_operator_computing_the_plain_ops(layer, batch):
+    """Without autograd a block's attention branch (more than one image) is the one operator norm_attend_project,
+    eager and compiled by inductor, and it computes what the plain ops compute, whatever the batch's slices."""
+    from torch.profiler import ProfilerActivity, profile
+    model = timm.create_model(SMALL, depth=1, num_classes=5, pos_attn_layer=layer).eval()
+    x = torch.randn(batch, 3, 32, 32)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.inference_mode():
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            out = model(x)
+        out_compiled = compiled(x)
+        ref = _set_lean(model, False)(x)
+    ops = {e.key for e in prof.key_averages() if e.key.startswith('timm_posattn::')}
+    assert ops == {'timm_posattn::norm_attend_project'}
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_compiled, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_inference_branch_under_autocast_computes_in_autocast_dtype():
+    """Under bf16 autocast the branch runs its linears and mixing in bf16, as the plain ops do, and says so in its
+    output's dtype."""
+    block = PositionalBlock(32, num_heads=4, grid_size=(3, 3)).eval()
+    x, pos = torch.randn(4, 10, 32), torch.randn(1, 10, 32)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        out = _branch(block, x, pos, (3, 3))
+        block.attn.lean = False
+        ref = _branch(block, x, pos, (3, 3))
+    assert out.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref.float(), rtol=0.05, atol=0.05)
+
+
+def test_inference_branch_working_memory_is_under_one_activation():
+    """The branch of 32 images holds, besides its output, less than one (B, N, C) activation: values, mixed tokens and
+    output share one buffer (the operators of the training path hold the three at once: 3.1 activations here)."""
+    B, N, C = 32, 50, 256
+    block = PositionalBlock(C, num_heads=4, grid_size=(7, 7), qkv_bias=True).eval()
+    x, pos = torch.randn(B, N, C), torch.randn(1, N, C)
+    activation = B * N * C * 4
+    with torch.no_grad():
+        _branch(block, x, pos, (7, 7))
+        peak = cpu_allocator_peak(lambda: _branch(block, x, pos, (7, 7)))
+    assert activation <= peak < 2 * activation

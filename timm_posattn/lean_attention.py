@@ -17,6 +17,12 @@ a single image goes through SDPA, which builds none. Being `torch.library.custom
 `register_autograd`, they behave the same under `torch.compile`: the compiler sees one op each, saves what
 `setup_context` saves, and compiles the backward formulas, which use plain differentiable ops (double backward works).
 
+Without autograd a block's branch of more than one image is a fourth operator, `norm_attend_project` (all of
+linear(A·linear(layer_norm(x))) in one, no backward), which runs a quarter of the batch at a time, so that what it
+holds besides its output stays under one (B, N, C) activation. A compiler plans memory around an operator without
+seeing inside it (it keeps freed buffers of the previous block for reuse while the operator runs): this is what keeps
+a compiled model's inference within timm's.
+
 Dtypes: the value projection runs in the dtype of its weight (`layer_norm_linear` casts it to autocast's dtype), the
 mixing and the output projection in the dtype of v, the softmax in float32 at least; gradients come back in each
 input's dtype. The operators run with autocast off, so the compiler's shapes and dtypes are the eager ones.
@@ -38,8 +44,9 @@ from torch.utils import flop_counter
 from timm.layers import LayerNorm
 
 __all__ = [
-    'forward_lean', 'use_lean_ops', 'attend_project', 'mix_project', 'layer_norm_linear', 'positional_attention_proj',
-    'apply_positional_attention', 'head_attention', 'apply_attention_by_head', 'attend_one_image',
+    'forward_lean', 'use_lean_ops', 'attend_project', 'mix_project', 'layer_norm_linear', 'norm_attend_project',
+    'positional_attention_proj', 'apply_positional_attention', 'head_attention', 'apply_attention_by_head',
+    'attend_one_image',
 ]
 
 GridSize = Tuple[int, int]
@@ -94,7 +101,9 @@ def head_attention(query_key: Tuple[Tensor, Tensor], head: int) -> Tensor:
     model computes exactly what the model computed.
     """
     q, k = query_key
-    return (q[head] @ k[head].transpose(0, 1)).softmax(dim=-1, dtype=_softmax_dtype(q.dtype))
+    attn = (q[head] @ k[head].transpose(0, 1)).to(_softmax_dtype(q.dtype))
+    attn = attn.sub_(attn.amax(dim=-1, keepdim=True)).exp_()  # the softmax in place: one (N, N) buffer, not two
+    return attn.div_(attn.sum(dim=-1, keepdim=True))
 
 
 def _attention_from_query_key(q: Tensor, k: Tensor) -> Tensor:
@@ -102,20 +111,32 @@ def _attention_from_query_key(q: Tensor, k: Tensor) -> Tensor:
     return (q @ k.transpose(-2, -1)).softmax(dim=-1, dtype=_softmax_dtype(q.dtype))
 
 
-def apply_attention_by_head(attn_of_head: Callable[[int], Tensor], v: Tensor, num_heads: int) -> Tensor:
+def apply_attention_by_head(
+        attn_of_head: Callable[[int], Tensor],
+        v: Tensor,
+        num_heads: int,
+        out: Optional[Tensor] = None,
+) -> Tensor:
     """Apply per-head attention, shared by the whole batch, to values (B, N, C), one head at a time (no autograd).
 
     The same (N, N) @ (N, B·d_head) GEMM per head as `apply_positional_attention`, but `attn_of_head(h)` may build
-    each head's A just before it is used, so that only one head's (N, N) matrix ever exists: at high resolution and
-    small batches the full (H, N, N) would outweigh the activations of a whole block.
+    each head's A just before it is used, so that only one head's (N, N) matrix ever exists (at high resolution and
+    small batches the full (H, N, N) would outweigh the activations of a whole block), and each head's values and
+    result are head-major only while it is computed: besides the result, the working memory is two heads' worth of
+    (B, N, C). The result is written in token layout into `out` (may be v itself: a head's values are copied before
+    its result replaces them).
     """
     B, N, C = v.shape
-    v_heads = _to_heads(v, num_heads)
-    out = torch.empty_like(v_heads)
+    d = C // num_heads
+    v_by_head = v.unflatten(-1, (num_heads, d))
+    out = v.new_empty(B, N, C) if out is None else out
+    out_by_head = out.view(B, N, num_heads, d)
     for h in range(num_heads):
-        torch.mm(attn_of_head(h).to(v_heads.dtype), v_heads[h], out=out[h])
-    del v_heads
-    return _from_heads(out, B, C)
+        v_head = v_by_head[:, :, h].transpose(0, 1).reshape(N, B * d)
+        mixed = torch.mm(attn_of_head(h).to(v.dtype), v_head)
+        del v_head
+        out_by_head[:, :, h].copy_(mixed.view(N, B, d).transpose(0, 1))
+    return out
 
 
 def attend_one_image(q: Tensor, k: Tensor, v: Tensor, num_heads: int) -> Tensor:
@@ -327,17 +348,21 @@ def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     return None
 
 
+def _in_autocast_dtype(device_type: str, *tensors: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
+    """Linear weights and biases cast to autocast's dtype, where autocast is on (it leaves float64 alone)."""
+    dtype = _autocast_dtype(device_type)
+    if dtype is None:
+        return tensors
+    return tuple(t if t is None or t.dtype == torch.float64 else t.to(dtype) for t in tensors)
+
+
 def layer_norm_linear(x: Tensor, norm: nn.Module, linear: nn.Module) -> Tensor:
     """`linear(norm(x))` for a plain LayerNorm over the last dimension, storing x rather than norm(x) for backward.
 
     Under autocast the linear runs in autocast's dtype, as `linear(norm(x))` would (the weight is cast before the
     operator, so its gradient comes back through the cast in the parameter's dtype).
     """
-    weight, bias = linear.weight, linear.bias
-    dtype = _autocast_dtype(x.device.type)
-    if dtype is not None and weight.dtype != torch.float64:  # autocast leaves float64 alone
-        weight = weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
+    weight, bias = _in_autocast_dtype(x.device.type, linear.weight, linear.bias)
     return _layer_norm_linear(x, norm.weight, norm.bias, norm.eps, weight, bias)
 
 
@@ -345,6 +370,84 @@ def _is_plain_layer_norm(norm: nn.Module) -> bool:
     """A LayerNorm over the last dimension that F.layer_norm computes (not timm's fast-norm kernels)."""
     return (type(norm) in (nn.LayerNorm, LayerNorm) and not getattr(norm, '_fast_norm', False)
             and len(norm.normalized_shape) == 1)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Inference: a block's whole attention branch in one buffer
+
+INFERENCE_CHUNKS = 4  # the batch in quarters: the slices' temporaries are a quarter of one (B, N, C) activation
+
+
+@torch.library.custom_op('timm_posattn::norm_attend_project', mutates_args=())
+def norm_attend_project(
+        x: Tensor,
+        norm_weight: Optional[Tensor],
+        norm_bias: Optional[Tensor],
+        eps: float,
+        v_weight: Tensor,
+        v_bias: Optional[Tensor],
+        q: Optional[Tensor],
+        k: Optional[Tensor],
+        attn: Optional[Tensor],
+        proj_weight: Tensor,
+        proj_bias: Optional[Tensor],
+        num_heads: int,
+) -> Tensor:
+    """linear(A·linear(layer_norm(x), v_weight, v_bias), proj_weight, proj_bias), without autograd: A = softmax(q·kᵀ)
+    built head by head, or `attn` (H, N, N) given.
+
+    One (B, N, C) buffer holds the values, then (head by head, in place) the mixed tokens, then the output: the
+    normalization and the projections run on `INFERENCE_CHUNKS` slices of the batch, each slice's temporary the only
+    other activation. Besides the output, the working memory is then about a third of one (B, N, C) activation (and
+    one head's A), where the training path's operators hold the values, the mixed tokens and the output at once. A
+    compiler cannot see inside an operator, so this is what keeps a compiled block within timm's block.
+    """
+    with _autocast_off(x.device.type):
+        batch, channels = x.shape[0], x.shape[-1]
+        step = -(-batch // INFERENCE_CHUNKS)
+        parts = [slice(start, start + step) for start in range(0, batch, step)]
+        v = x.new_empty((*x.shape[:-1], v_weight.shape[0]), dtype=v_weight.dtype)
+        for part in parts:
+            tokens = F.layer_norm(x[part], (channels,), norm_weight, norm_bias, eps).to(v.dtype)
+            _linear_into(v[part], tokens, v_weight, v_bias)
+            del tokens
+        if attn is None:
+            assert q is not None and k is not None
+            query_key = (q, k)
+            apply_attention_by_head(lambda h: head_attention(query_key, h), v, num_heads, out=v)
+        else:
+            apply_attention_by_head(attn.__getitem__, v, num_heads, out=v)
+        proj_weight = proj_weight.to(v.dtype)
+        proj_bias = None if proj_bias is None else proj_bias.to(v.dtype)
+        if proj_weight.shape[0] != v.shape[-1]:  # another width: a buffer of its own
+            out = v.new_empty((*v.shape[:-1], proj_weight.shape[0]))
+            for part in parts:
+                _linear_into(out[part], v[part], proj_weight, proj_bias)
+            return out
+        for part in parts:
+            v[part] = F.linear(v[part], proj_weight, proj_bias)
+        return v
+
+
+def _linear_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
+    """out = linear(x, weight, bias) for contiguous (..., in) x and (..., out) `out`, written in place."""
+    x, out = x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1])
+    if bias is None:
+        torch.mm(x, weight.t(), out=out)
+    else:
+        torch.addmm(bias, x, weight.t(), out=out)
+
+
+@norm_attend_project.register_fake
+def _norm_attend_project_fake(x, norm_weight, norm_bias, eps, v_weight, v_bias, q, k, attn, proj_weight, proj_bias,
+                              num_heads):
+    return x.new_empty((*x.shape[:-1], proj_weight.shape[0]), dtype=v_weight.dtype)
+
+
+def _whole_branch_fits(attn: nn.Module, norm: Optional[nn.Module]) -> bool:
+    """Whether `norm_attend_project` computes this branch: a plain LayerNorm and linear value and output projections."""
+    return (norm is not None and _is_plain_layer_norm(norm) and type(attn.v) is nn.Linear
+            and type(attn.proj) is nn.Linear)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -378,16 +481,25 @@ def forward_lean(
 
     A plain LayerNorm `norm` runs inside the value projection's operator; A is built inside the mixing operator from
     the map's positional queries and keys, unless the map has none or attention dropout is active (a dropped-out A
-    cannot be rebuilt in backward): then the map's A is given to it.
+    cannot be rebuilt in backward): then the map's A is given to it. Without autograd, a block's branch of more than
+    one image is the one operator `norm_attend_project`.
     """
+    dropout = attn.training and attn.attn_drop.p > 0
+    query_key = None if dropout else attn.pos_map.query_key(pos, grid_size)
+    if not torch.is_grad_enabled() and x.shape[0] > 1 and _whole_branch_fits(attn, norm):
+        given = attn.attn_drop(attn.pos_map(pos, grid_size)) if query_key is None else None
+        q, k = (None, None) if query_key is None else query_key
+        v_weight, v_bias, proj_weight, proj_bias = _in_autocast_dtype(
+            x.device.type, attn.v.weight, attn.v.bias, attn.proj.weight, attn.proj.bias)
+        return attn.proj_drop(norm_attend_project(
+            x, norm.weight, norm.bias, norm.eps, v_weight, v_bias, q, k, given, proj_weight, proj_bias,
+            attn.num_heads))
     if norm is not None and _is_plain_layer_norm(norm) and type(attn.v) is nn.Linear:
         v = layer_norm_linear(x, norm, attn.v)
     else:
         v = attn.v(x if norm is None else norm(x))
     fused = type(attn.proj) is nn.Linear
     weight, bias = (attn.proj.weight, attn.proj.bias) if fused else (None, None)
-    dropout = attn.training and attn.attn_drop.p > 0
-    query_key = None if dropout else attn.pos_map.query_key(pos, grid_size)
     if query_key is not None:
         x = attend_project(query_key[0], query_key[1], v, weight, bias, attn.num_heads)
     else:
@@ -433,3 +545,15 @@ def _layer_norm_linear_flops(x_shape, norm_weight_shape, norm_bias_shape, eps, w
     for size in x_shape[:-1]:
         tokens *= size
     return _linear_flops(tokens, x_shape[-1], weight_shape)
+
+
+@_register_flops(torch.ops.timm_posattn.norm_attend_project)
+def _norm_attend_project_flops(x_shape, norm_weight_shape, norm_bias_shape, eps, v_weight_shape, v_bias_shape,
+                               q_shape, k_shape, attn_shape, proj_weight_shape, *args, **kwargs) -> int:
+    """The branch's arithmetic, A counted once: the slices' rebuilds of A are a memory-for-time trade of this
+    implementation, not the model's FLOPs (a FLOP bound computed from them would flatter the measured speed)."""
+    B, N, C = x_shape
+    attention = 0 if q_shape is None else 2 * q_shape[0] * N * k_shape[1] * q_shape[2]
+    mixing = 2 * N * N * B * v_weight_shape[0]
+    return (_linear_flops(B * N, C, v_weight_shape) + attention + mixing
+            + _linear_flops(B * N, v_weight_shape[0], proj_weight_shape))
