@@ -101,9 +101,7 @@ def head_attention(query_key: Tuple[Tensor, Tensor], head: int) -> Tensor:
     model computes exactly what the model computed.
     """
     q, k = query_key
-    attn = (q[head] @ k[head].transpose(0, 1)).to(_softmax_dtype(q.dtype))
-    attn = attn.sub_(attn.amax(dim=-1, keepdim=True)).exp_()  # the softmax in place: one (N, N) buffer, not two
-    return attn.div_(attn.sum(dim=-1, keepdim=True))
+    return (q[head] @ k[head].transpose(0, 1)).softmax(dim=-1, dtype=_softmax_dtype(q.dtype))
 
 
 def _attention_from_query_key(q: Tensor, k: Tensor) -> Tensor:
