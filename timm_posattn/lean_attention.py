@@ -18,8 +18,9 @@ a single image goes through SDPA, which builds none. Being `torch.library.custom
 `setup_context` saves, and compiles the backward formulas, which use plain differentiable ops (double backward works).
 
 Without autograd a block's branch of more than one image is a fourth operator, `norm_attend_project` (all of
-linear(A·linear(layer_norm(x))) in one, no backward), which runs a quarter of the batch at a time, so that what it
-holds besides its output stays under one (B, N, C) activation. A compiler plans memory around an operator without
+linear(A·linear(layer_norm(x))) in one, no backward), which keeps values, mixed tokens and output in one buffer (the
+norm and the projections a quarter of the batch at a time), so that what it holds besides its output stays under one
+(B, N, C) activation. A compiler plans memory around an operator without
 seeing inside it (it keeps freed buffers of the previous block for reuse while the operator runs): this is what keeps
 a compiled model's inference within timm's.
 
