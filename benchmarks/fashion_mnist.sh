@@ -45,7 +45,8 @@ for name in $MODELS; do
     fi
     echo "== $name"
     start=$(date +%s)
-    "$PY" train.py "${args[@]}" "${RECIPE_ARGS[@]}" "${EPOCHS_ARG[@]}" --data-dir "$FMNIST" --device "$DEVICE" --seed "$SEED" \
+    "$PY" train.py "${args[@]}" "${RECIPE_ARGS[@]}" "${EPOCHS_ARG[@]}" --data-dir "$FMNIST" --device "$DEVICE" \
+        --seed "$SEED" \
         -j "$WORKERS" --output "$OUT" --experiment "$name" --log-interval 100 >"$OUT/$name.log" 2>&1
     rc=$?
     echo "$name rc=$rc $(($(date +%s) - start))s" | tee -a "$OUT/times.txt"
