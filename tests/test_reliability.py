@@ -396,19 +396,28 @@ def kill_during_the_switch(monkeypatch):
     monkeypatch.setattr(outputs.os, 'replace', killed_after_one)
 
 
-def test_PB2c_C20_a_kill_during_the_switch_is_completed_before_anything_reads_the_folder(tmp_path, monkeypatch):
-    folder = OutputFolder(tmp_path, ('a.txt', 'b.txt', 'c.txt'), overwrite=True, key='set')
-    with folder.claim() as claim:
-        for name in ('a.txt', 'b.txt', 'c.txt'):
-            claim.stage_text(name, f'old {name}')
-        claim.commit()
+def commit_then_kill_the_next_commit(monkeypatch, folder, old, new):
+    """Commit the set `old` into `folder`, then the set `new` with the process killed during its switch (as
+    `kill_during_the_switch`). A set maps file names to their text, or to a writer `fn(f)` of their bytes."""
+    def commit(files):
+        with folder.claim() as claim:
+            for name, content in files.items():
+                if callable(content):
+                    claim.stage(name, content)
+                else:
+                    claim.stage_text(name, content)
+            claim.commit()
+    commit(old)
     kill_during_the_switch(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
-        with folder.claim() as claim:
-            claim.stage_text('a.txt', 'new a.txt')
-            claim.stage_text('b.txt', 'new b.txt')
-            claim.commit()  # c.txt is not in the new set
+        commit(new)
     monkeypatch.undo()
+
+
+def test_PB2c_C20_a_kill_during_the_switch_is_completed_before_anything_reads_the_folder(tmp_path, monkeypatch):
+    folder = OutputFolder(tmp_path, ('a.txt', 'b.txt', 'c.txt'), overwrite=True, key='set')
+    commit_then_kill_the_next_commit(monkeypatch, folder, {name: f'old {name}' for name in ('a.txt', 'b.txt', 'c.txt')},
+                                     {'a.txt': 'new a.txt', 'b.txt': 'new b.txt'})  # c.txt is not in the new set
     assert (tmp_path / 'a.txt').read_text() == 'new a.txt' and (tmp_path / 'b.txt').read_text() == 'old b.txt'
     assert finish_interrupted_commits(tmp_path) == ['this command']
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith('.')) == ['a.txt', 'b.txt']
@@ -423,17 +432,8 @@ def test_C20_reading_a_checkpoint_completes_an_interrupted_set_first(tmp_path, m
 
     def weights(value):
         return lambda f: torch.save({'state_dict': {'w': torch.full((2,), value)}}, f)
-    with folder.claim() as claim:
-        claim.stage('converted.pth.tar', weights(1.))
-        claim.stage_text('report.json', 'old')
-        claim.commit()
-    kill_during_the_switch(monkeypatch)
-    with pytest.raises(KeyboardInterrupt):
-        with folder.claim() as claim:
-            claim.stage('converted.pth.tar', weights(2.))
-            claim.stage_text('report.json', 'new')
-            claim.commit()
-    monkeypatch.undo()
+    commit_then_kill_the_next_commit(monkeypatch, folder, {'converted.pth.tar': weights(1.), 'report.json': 'old'},
+                                     {'converted.pth.tar': weights(2.), 'report.json': 'new'})
     assert (tmp_path / 'report.json').read_text() == 'old'  # the mix the kill left
     assert read_checkpoint(tmp_path / 'converted.pth.tar').state_dict['w'].tolist() == [2., 2.]
     assert (tmp_path / 'report.json').read_text() == 'new'
@@ -444,17 +444,8 @@ def test_a_claim_finishes_every_commands_interrupted_commit(tmp_path, monkeypatc
     checkpoint there: the claim (the folder's one lock) finished publish's commit, so the read neither waits for
     itself nor sees the mix."""
     published = OutputFolder(tmp_path, ('README.md', 'model.safetensors'), overwrite=True, key='publish')
-    with published.claim() as claim:
-        claim.stage_text('README.md', 'old')
-        claim.stage_text('model.safetensors', 'old')
-        claim.commit()
-    kill_during_the_switch(monkeypatch)
-    with pytest.raises(KeyboardInterrupt):
-        with published.claim() as claim:
-            claim.stage_text('README.md', 'new')
-            claim.stage_text('model.safetensors', 'new')
-            claim.commit()
-    monkeypatch.undo()
+    commit_then_kill_the_next_commit(monkeypatch, published, {'README.md': 'old', 'model.safetensors': 'old'},
+                                     {'README.md': 'new', 'model.safetensors': 'new'})
     assert (tmp_path / 'model.safetensors').read_text() == 'old'  # the mix the kill left
     with OutputFolder(tmp_path, ('last.pth.tar',), overwrite=True, key='train').claim() as claim:
         assert (tmp_path / 'model.safetensors').read_text() == 'new'
