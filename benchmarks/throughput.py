@@ -73,6 +73,9 @@ from timm_posattn.outputs import OutputFolder  # noqa: E402
 DEFAULT_MODELS = ('vit_posattn_small_patch16_224',)
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 MODES = ('infer', 'train')
+# 5, not 3: a CPU step's time varies so much on a 2-core machine that a median of 3 moved the rows nearest their
+# targets across the line from run to run (docs/performance.md)
+DEFAULT_REPEATS = 5
 BASELINES = ('timm', 'twin', 'self')
 VARIANTS = ('posattn', 'reparam')
 ROW_KEYS = (
@@ -414,7 +417,7 @@ def benchmark_pair(
         reparam_batch_size: Union[None, int, Sequence[int]] = (),
         img_size: Optional[int] = None,
         warmup: int = 1,
-        repeats: int = 3,
+        repeats: int = DEFAULT_REPEATS,
         iters: int = 1,
         compile_model: bool = False,
         measure_memory: bool = True,
@@ -562,10 +565,10 @@ def markdown_table(rows: Sequence[Dict[str, Any]]) -> str:
     def fmt(v, spec):
         return '-' if v is None else format(v, spec)
     compiled = any(r.get('compile') for r in rows)
+    compile_columns = ' compile s | baseline compile s |' if compiled else ''
     lines = [
         '| model | variant | baseline | img | N | mode | batch | img/s | baseline img/s | speed ratio (repeats) '
-        '| FLOP bound | of bound | peak MB | baseline peak MB | mem ratio |' + (' compile s | baseline compile s |'
-                                                                              if compiled else ''),
+        '| FLOP bound | of bound | peak MB | baseline peak MB | mem ratio |' + compile_columns,
         '|---|---|---|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|' + ('--:|--:|' if compiled else ''),
     ]
     for r in rows:
@@ -759,8 +762,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument('--modes', nargs='+', default=list(MODES), choices=MODES, help='infer and/or train')
     parser.add_argument('--warmup', type=int_range(1), default=None,
                         help='untimed steps per model and mode (default: 1 on cpu, 5 on cuda; +1 with --compile)')
-    parser.add_argument('--repeats', type=int_range(1), default=3,
-                        help='timed repeats, the median is reported (default: 3)')
+    parser.add_argument('--repeats', type=int_range(1), default=DEFAULT_REPEATS,
+                        help=f'timed repeats, the median is reported (default: {DEFAULT_REPEATS})')
     parser.add_argument('--iters', type=int_range(1), default=None,
                         help='steps per timed repeat (default: 1 on cpu, 20 on cuda)')
     parser.add_argument('--timer', default='wall', choices=list(TIMERS),
