@@ -549,8 +549,7 @@ def _layer_norm_linear_flops(x_shape, norm_weight_shape, norm_bias_shape, eps, w
 @_register_flops(torch.ops.timm_posattn.norm_attend_project)
 def _norm_attend_project_flops(x_shape, norm_weight_shape, norm_bias_shape, eps, v_weight_shape, v_bias_shape,
                                q_shape, k_shape, attn_shape, proj_weight_shape, *args, **kwargs) -> int:
-    """The branch's arithmetic, A counted once: the slices' rebuilds of A are a memory-for-time trade of this
-    implementation, not the model's FLOPs (a FLOP bound computed from them would flatter the measured speed)."""
+    """The branch's arithmetic: the value projection, each head's A once, the mixing and the output projection."""
     B, N, C = x_shape
     attention = 0 if q_shape is None else 2 * q_shape[0] * N * k_shape[1] * q_shape[2]
     mixing = 2 * N * N * B * v_weight_shape[0]
